@@ -1,0 +1,91 @@
+"""Attention backend names, and the counting spy that proves a kernel ran.
+
+Every subject maps these names onto its own attention functions and says, per name, why it cannot run (package
+missing, needs CUDA, not offered by this subject). An empty list of reasons means available. The matrix turns
+reasons into skip messages in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+BACKENDS: dict[str, str] = {
+    "sdpa": "torch scaled_dot_product_attention, torch picks the kernel",
+    "math": "torch SDPA pinned to the math kernel",
+    "split": "ComfyUI attention_split (query-sliced einsum)",
+    "sub_quad": "ComfyUI attention_sub_quad (chunked, memory-efficient)",
+    "basic": "ComfyUI attention_basic (full einsum)",
+    "xformers": "xformers memory_efficient_attention",
+    "sage": "SageAttention (INT8 QK, fp16/fp8 PV)",
+    "flash": "flash-attn flash_attn_func",
+}
+
+
+@dataclass(frozen=True)
+class BackendSupport:
+    name: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def available(self) -> bool:
+        return not self.reasons
+
+
+class CallCounter:
+    """Counts calls per kernel label. ``wrap`` returns a function that counts, then calls the original."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.fallbacks: list[str] = []
+
+    def wrap(self, label: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            self.counts[label] += 1
+            return fn(*args, **kwargs)
+
+        counted.__wrapped_by_conformance__ = True  # type: ignore[attr-defined]
+        return counted
+
+    def record_fallback(self, message: str) -> None:
+        self.fallbacks.append(message)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+
+def _base_version(version: str) -> str:
+    return version.split("+", 1)[0]
+
+
+def package_reasons(module: str, distribution: str | None = None) -> list[str]:
+    """Why an optional kernel package cannot be used here, without importing it.
+
+    Catches the two cases seen on GPU runners: the package is missing, or its wheel pins a different torch than the
+    one installed (the registry's xformers wheels pin an exact torch; loading one against another torch fails).
+    """
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    import torch
+
+    distribution = distribution or module
+    if importlib.util.find_spec(module) is None:
+        return [f"package {distribution} is not installed"]
+    try:
+        version = importlib.metadata.version(distribution)
+        requires = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    for requirement in requires:
+        match = re.match(r"^torch\s*==\s*([0-9][^;,\s]*)", requirement)
+        if match and _base_version(match.group(1)) != _base_version(torch.__version__):
+            return [
+                f"{distribution} {version} was built for torch {match.group(1)} and does not load with "
+                f"torch {torch.__version__}"
+            ]
+    return []

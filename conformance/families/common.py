@@ -1,0 +1,66 @@
+"""Pieces every family uses: the synthetic weight rule and the weight generator."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..synthetic import normal
+
+
+@dataclass(frozen=True)
+class LayerInit:
+    """How synthetic weights are drawn, by the kind of tensor a key names.
+
+    * ``*.bias``: N(0, bias_std)
+    * other 1-D tensors (norm gains): N(norm_mean, norm_std)
+    * matrices and conv kernels: N(0, linear_gain / sqrt(fan_in)), which keeps activations at unit scale
+    """
+
+    bias_std: float
+    norm_mean: float
+    norm_std: float
+    linear_gain: float
+
+    def spec(self, key: str, shape: Sequence[int]) -> tuple[float, float]:
+        if key.endswith("bias"):
+            return 0.0, self.bias_std
+        if len(shape) == 1:
+            return self.norm_mean, self.norm_std
+        fan_in = math.prod(shape[1:])
+        return 0.0, self.linear_gain / math.sqrt(fan_in)
+
+
+def synthetic_weights(
+    shapes: Mapping[str, Sequence[int]], seed: int, family: str, init: LayerInit
+) -> dict[str, torch.Tensor]:
+    """Float32 weights for canonical keys; each tensor depends only on (seed, family, key, shape)."""
+    out = {}
+    for key, shape in shapes.items():
+        mean, std = init.spec(key, shape)
+        out[key] = normal(shape, seed, family, key, mean=mean, std=std)
+    return out
+
+
+def apply_outliers(kwargs: dict, outliers, streams: Mapping[str, str]) -> dict:
+    """Hold the profile's outlier channels of each residual stream at their values, for every token.
+
+    ``streams`` maps a stream name of the profile (``img``, ``txt``) to the keyword the block takes it under.
+    Returns a new dict; tensors that change are copied.
+    """
+    out = dict(kwargs)
+    for group in outliers:
+        if group.stream not in streams:
+            raise KeyError(f"profile names stream {group.stream!r}; this component has {', '.join(streams)}")
+        key = streams[group.stream]
+        tensor = out[key].clone()
+        width = tensor.shape[-1]
+        for channel, value in zip(group.channels, group.values):
+            if not 0 <= channel < width:
+                raise IndexError(f"outlier channel {channel} outside the {key} width {width}")
+            tensor[..., channel] = value
+        out[key] = tensor
+    return out

@@ -1,0 +1,218 @@
+"""Probes: forward hooks that watch every boundary of a component while it runs.
+
+Each probed tensor yields four numbers, computed on the tensor's device without a host sync: the count of non-finite
+values, the count of NaNs, the largest finite magnitude and the count of values sitting exactly at the dtype's
+largest finite value (what a ±65504 clip or an fp8 saturating cast leaves behind). The numbers of one forward are
+brought to the host in one transfer when the caller asks for them.
+
+Boundaries are
+
+* the output of every submodule (post-hooks fire when a module finishes, so their firing order is execution order and
+  a child is seen before the parent that contains it);
+* the component's own inputs (boundary ``input``): a bad value found there entered the component, it was not born
+  in it;
+* named inputs the subject declares (pre-hooks), for tensors no module returns: the attention kernel's result as it
+  enters the output projection, the residual stream after an in-line ``x + gate * y`` as it enters the next norm.
+
+The first record, in firing order, holding a non-finite value names the module where the bad value was born.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+ROOT = "block"
+INPUT = "input"
+
+
+def tensor_stats(x: torch.Tensor) -> torch.Tensor:
+    """``[nonfinite, nan, max finite |x|, saturated]`` as a float64 tensor on ``x``'s device (no host sync)."""
+    a = x.detach().abs()
+    finite = torch.isfinite(a)
+    fmax = torch.finfo(x.dtype).max
+    return torch.stack(
+        [
+            (~finite).sum(dtype=torch.float64),
+            torch.isnan(a).sum(dtype=torch.float64),
+            torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax().double()
+            if a.numel()
+            else torch.zeros((), dtype=torch.float64, device=a.device),
+            (a == fmax).sum(dtype=torch.float64),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class InputProbe:
+    """Watch input ``index`` of the module at ``module`` and report it as ``boundary``, produced by ``produced_by``."""
+
+    module: str
+    index: int
+    boundary: str
+    produced_by: str
+    tensor: str
+
+
+@dataclass
+class BoundaryRecord:
+    order: int
+    boundary: str
+    module: str
+    tensor: str
+    dtype: str
+    shape: list[int]
+    nonfinite: int
+    nan: int
+    max_abs: float
+    saturated: int
+    headroom: float | None  # dtype max / max finite |x|; None when the tensor is all zeros
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield name, obj
+    elif isinstance(obj, (tuple, list)):
+        for i, item in enumerate(obj):
+            yield from _floating_tensors(item, f"{name}[{i}]")
+    elif isinstance(obj, Mapping):
+        for key, item in obj.items():
+            yield from _floating_tensors(item, f"{name}.{key}")
+
+
+@dataclass
+class _Pending:
+    boundary: str
+    module: str
+    tensor: str
+    dtype: torch.dtype
+    shape: list[int]
+    stats: torch.Tensor
+
+
+@dataclass
+class Probes:
+    """Context manager installing the hooks on ``root``. Use ``records()`` after the forward."""
+
+    root: nn.Module
+    boundary_names: Mapping[str, str] = field(default_factory=dict)
+    input_probes: tuple[InputProbe, ...] = ()
+    enabled: bool = True
+    _handles: list = field(default_factory=list, init=False)
+    _pending: list[_Pending] = field(default_factory=list, init=False)
+
+    def _display(self, path: str) -> str:
+        return path or ROOT
+
+    def _record(self, boundary: str, module: str, tensor_name: str, tensor: torch.Tensor) -> None:
+        self._pending.append(
+            _Pending(boundary, module, tensor_name, tensor.dtype, list(tensor.shape), tensor_stats(tensor))
+        )
+
+    def _post_hook(self, path: str):
+        module_name = self._display(path)
+        boundary = self.boundary_names.get(path, module_name)
+
+        def hook(_module, _args, output):
+            for tensor_name, tensor in _floating_tensors(output, "output"):
+                self._record(boundary, module_name, tensor_name, tensor)
+
+        return hook
+
+    def _root_input_hook(self, _module, args, kwargs):
+        for tensor_name, tensor in _floating_tensors(list(args), "args"):
+            self._record("component input", INPUT, tensor_name, tensor)
+        for key, value in kwargs.items():
+            for tensor_name, tensor in _floating_tensors(value, key):
+                self._record("component input", INPUT, tensor_name, tensor)
+
+    def _pre_hook(self, probe: InputProbe):
+        def hook(_module, args):
+            if probe.index < len(args) and isinstance(args[probe.index], torch.Tensor):
+                self._record(probe.boundary, self._display(probe.produced_by), probe.tensor, args[probe.index])
+
+        return hook
+
+    def __enter__(self) -> Probes:
+        self._pending.clear()
+        if not self.enabled:
+            return self
+        modules = dict(self.root.named_modules())
+        self._handles.append(self.root.register_forward_pre_hook(self._root_input_hook, with_kwargs=True))
+        for probe in self.input_probes:
+            if probe.module not in modules:
+                raise KeyError(f"input probe on {probe.module!r}: no such module in {type(self.root).__name__}")
+            self._handles.append(modules[probe.module].register_forward_pre_hook(self._pre_hook(probe)))
+        for path, module in modules.items():
+            self._handles.append(module.register_forward_hook(self._post_hook(path)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def records(self) -> list[BoundaryRecord]:
+        if not self._pending:
+            return []
+        stats = torch.stack([p.stats for p in self._pending]).cpu().tolist()  # the one host sync
+        out = []
+        for order, (pending, (nonfinite, nan, max_abs, saturated)) in enumerate(zip(self._pending, stats)):
+            fmax = torch.finfo(pending.dtype).max
+            out.append(
+                BoundaryRecord(
+                    order=order,
+                    boundary=pending.boundary,
+                    module=pending.module,
+                    tensor=pending.tensor,
+                    dtype=str(pending.dtype).removeprefix("torch."),
+                    shape=pending.shape,
+                    nonfinite=int(nonfinite),
+                    nan=int(nan),
+                    max_abs=float(max_abs),
+                    saturated=int(saturated),
+                    headroom=(fmax / max_abs) if max_abs > 0 else None,
+                )
+            )
+        return out
+
+
+def first_nonfinite(records: list[BoundaryRecord]) -> dict | None:
+    for record in records:
+        if record.nonfinite:
+            return {
+                "boundary": record.boundary,
+                "module": record.module,
+                "tensor": record.tensor,
+                "count": record.nonfinite,
+                "nan": record.nan,
+                "dtype": record.dtype,
+            }
+    return None
+
+
+def first_saturated(records: list[BoundaryRecord]) -> BoundaryRecord | None:
+    return next((r for r in records if r.saturated), None)
+
+
+def summarize(records: list[BoundaryRecord]) -> dict:
+    """Case-level stats: the extremes over every probed boundary."""
+    if not records:
+        return {"max_abs_value": None, "headroom": None, "saturated": 0, "nonfinite": 0, "boundaries": 0}
+    worst = max(records, key=lambda r: r.max_abs)
+    headrooms = [r.headroom for r in records if r.headroom is not None]
+    return {
+        "max_abs_value": worst.max_abs,
+        "max_abs_at": f"{worst.module} {worst.tensor}",
+        "headroom": min(headrooms) if headrooms else None,
+        "saturated": sum(r.saturated for r in records),
+        "nonfinite": sum(r.nonfinite for r in records),
+        "boundaries": len(records),
+    }

@@ -1,0 +1,112 @@
+"""Input profiles: data files in ``fixtures/profiles/<family>.toml`` turned into typed values."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from .paths import PROFILES_DIR
+
+
+@dataclass(frozen=True)
+class Outliers:
+    """Channels of one residual stream held at fixed magnitudes for every token (massive activations)."""
+
+    stream: str
+    channels: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    image_grid: tuple[int, int]
+    text_tokens: int
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_grid[0] * self.image_grid[1]
+
+
+@dataclass(frozen=True)
+class Profile:
+    family: str
+    name: str
+    description: str
+    provenance: str
+    timestep: float
+    latent_std: float
+    context_std: float
+    sizes: dict[str, Sizes] = field(hash=False)
+    outliers: tuple[Outliers, ...] = ()
+
+    def sizes_for(self, scale: str) -> Sizes:
+        try:
+            return self.sizes[scale]
+        except KeyError:
+            raise KeyError(f"profile {self.family}/{self.name} defines no sizes for scale {scale!r}") from None
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse(family: str, name: str, raw: dict, path: Path) -> Profile:
+    where = f"{path}: [{name}]"
+    for required in ("description", "provenance"):
+        if not str(raw.get(required, "")).strip():
+            raise ProfileError(f"{where} has no {required!r}; every profile says what it is and where its numbers come from")
+    sizes = {}
+    for scale in ("tiny", "real"):
+        if scale in raw:
+            grid = raw[scale].get("image_grid")
+            if not (isinstance(grid, list) and len(grid) == 2):
+                raise ProfileError(f"{where}.{scale}.image_grid must be [height, width] in packed tokens")
+            sizes[scale] = Sizes(image_grid=(int(grid[0]), int(grid[1])), text_tokens=int(raw[scale]["text_tokens"]))
+    outliers = []
+    for item in raw.get("outliers", []):
+        channels, values = tuple(item["channels"]), tuple(float(v) for v in item["values"])
+        if len(channels) != len(values):
+            raise ProfileError(f"{where}: outliers for stream {item['stream']!r} list {len(channels)} channels but {len(values)} values")
+        outliers.append(Outliers(stream=item["stream"], channels=channels, values=values))
+    return Profile(
+        family=family,
+        name=name,
+        description=" ".join(str(raw["description"]).split()),
+        provenance=" ".join(str(raw["provenance"]).split()),
+        timestep=float(raw.get("timestep", 0.5)),
+        latent_std=float(raw.get("latent_std", 1.0)),
+        context_std=float(raw.get("context_std", 1.0)),
+        sizes=sizes,
+        outliers=tuple(outliers),
+    )
+
+
+@cache
+def load_profiles(family: str, directory: Path = PROFILES_DIR) -> dict[str, Profile]:
+    path = directory / f"{family}.toml"
+    if not path.exists():
+        raise ProfileError(f"no profile file for family {family!r}: expected {path}")
+    with path.open("rb") as handle:
+        data = tomllib.load(handle)
+    profiles = {}
+    for name, raw in data.items():
+        if "base" in raw:
+            base = data.get(raw["base"])
+            if base is None:
+                raise ProfileError(f"{path}: [{name}] is based on unknown profile {raw['base']!r}")
+            inherited = {k: v for k, v in base.items() if k not in ("description", "provenance", "outliers")}
+            raw = _merge(inherited, {k: v for k, v in raw.items() if k != "base"})
+        profiles[name] = _parse(family, name, raw, path)
+    return profiles

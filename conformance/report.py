@@ -1,0 +1,202 @@
+"""Renderers of one list of ``CaseResult``: results.json, summary.md, junit.xml and the terminal table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import torch
+
+from .results import CaseResult
+
+SCHEMA_VERSION = 1
+
+
+def environment() -> dict:
+    cuda = torch.version.cuda
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "torch": torch.__version__,
+        "cuda": cuda,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def results_document(run: dict, results: Sequence[CaseResult]) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "run": run, "cases": [r.as_dict() for r in results]}
+
+
+def _num(x, fmt: str = ".2e") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and (x != x):
+        return "nan"
+    return format(x, fmt)
+
+
+def _first(result: CaseResult) -> str:
+    f = result.first_nonfinite
+    if not f:
+        return ""
+    where = "entered at input" if f.get("entered") else f"{f['module']}"
+    masked = " (masked by guard)" if f.get("masked_by_guard") else ""
+    return f"{where}: {f['tensor']} x{f['count']}{masked}"
+
+
+def _calls(result: CaseResult) -> str:
+    return ", ".join(f"{k.split(':', 1)[-1]}={v}" for k, v in result.backend_calls.items())
+
+
+COLUMNS = ("case", "outcome", "rel_l2", "max_abs", "cosine", "sqnr dB", "max |x|", "headroom", "saturated", "non-finite", "first non-finite", "calls", "s")
+
+
+def _row(r: CaseResult) -> list[str]:
+    m, s = r.metrics, r.stats
+    return [
+        r.id,
+        r.outcome,
+        _num(m.get("rel_l2")),
+        _num(m.get("max_abs")),
+        _num(m.get("cosine"), ".6f"),
+        _num(m.get("sqnr_db"), ".1f"),
+        _num(s.get("max_abs_value"), ".3g"),
+        _num(s.get("headroom"), ".3g"),
+        str(s.get("saturated", "")),
+        str(s.get("nonfinite", "")),
+        _first(r),
+        _calls(r),
+        f"{r.seconds:.2f}",
+    ]
+
+
+def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
+    counts = Counter(r.outcome for r in results)
+    subject = run.get("subject") or {}
+    lines = [
+        "# Conformance summary",
+        "",
+        f"Subject **{subject.get('name')} {subject.get('version')}**"
+        + (f" (commit `{subject['commit']}`)" if subject.get("commit") else "")
+        + f" on {run.get('device')} | torch {run.get('torch')} | {run.get('started')} -> {run.get('finished')}",
+        "",
+        " | ".join(f"{k}: {counts.get(k, 0)}" for k in ("passed", "failed", "xfailed", "error", "skipped")),
+        "",
+    ]
+    ran = [r for r in results if r.outcome != "skipped"]
+    if ran:
+        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(r)) + " |" for r in ran]
+        lines.append("")
+    bad = [r for r in results if r.outcome in ("failed", "error", "xfailed")]
+    if bad:
+        lines += ["## Why", ""]
+        for r in bad:
+            lines.append(f"- `{r.id}` **{r.outcome}**: {r.reason}")
+        lines.append("")
+    skipped = Counter(r.reason for r in results if r.outcome == "skipped")
+    if skipped:
+        lines += ["## Skipped", "", "| cases | reason |", "|---|---|"]
+        lines += [f"| {n} | {reason} |" for reason, n in skipped.most_common()]
+        lines.append("")
+    changes = run.get("golden_changes") or []
+    if changes:
+        lines += ["## Goldens written", ""] + [f"- {c}" for c in changes] + [""]
+    lines.append(f"Golden stores: committed `{run.get('golden_stores', {}).get('committed')}`, local `{run.get('golden_stores', {}).get('local')}`.")
+    return "\n".join(lines) + "\n"
+
+
+def junit_xml(run: dict, results: Sequence[CaseResult]) -> str:
+    counts = Counter(r.outcome for r in results)
+    suite = ET.Element(
+        "testsuite",
+        name="conformance",
+        tests=str(len(results)),
+        failures=str(counts.get("failed", 0)),
+        errors=str(counts.get("error", 0)),
+        skipped=str(counts.get("skipped", 0) + counts.get("xfailed", 0)),
+        time=f"{sum(r.seconds for r in results):.3f}",
+        timestamp=str(run.get("started", "")),
+    )
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname=f"conformance.{r.case.subject}.{r.case.component}", name=r.id, time=f"{r.seconds:.3f}")
+        props = ET.SubElement(case, "properties")
+        for key, value in {**{f"metric.{k}": v for k, v in r.metrics.items()}, **{f"stat.{k}": v for k, v in r.stats.items()}}.items():
+            ET.SubElement(props, "property", name=key, value=str(value))
+        if r.outcome == "failed":
+            ET.SubElement(case, "failure", message=r.reason[:500]).text = r.reason
+        elif r.outcome == "error":
+            ET.SubElement(case, "error", message=r.reason[:500]).text = r.reason
+        elif r.outcome in ("skipped", "xfailed"):
+            ET.SubElement(case, "skipped", message=(f"xfailed: {r.reason}" if r.outcome == "xfailed" else r.reason)[:500])
+    ET.indent(suite)
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_reports(report_dir: Path, run: dict, results: Sequence[CaseResult]) -> list[Path]:
+    report_dir = Path(report_dir)
+    written = []
+    for name, text in (
+        ("results.json", json.dumps(results_document(run, results), indent=1) + "\n"),
+        ("summary.md", summary_markdown(run, results)),
+        ("junit.xml", junit_xml(run, results)),
+    ):
+        _atomic_write_text(report_dir / name, text)
+        written.append(report_dir / name)
+    return written
+
+
+TERMINAL_COLUMNS = ("component", "scale", "precision", "backend", "profile", "outcome", "rel_l2", "max |x|", "headroom", "sat", "first non-finite", "calls", "s")
+
+
+def terminal_table(results: Sequence[CaseResult]) -> list[str]:
+    rows = []
+    for r in results:
+        if r.outcome == "skipped":
+            continue
+        c = r.case
+        rows.append(
+            [
+                c.component,
+                c.scale,
+                c.precision,
+                c.backend,
+                c.profile + ("" if c.guard == "none" else f"+{c.guard}"),
+                r.outcome,
+                _num(r.metrics.get("rel_l2")),
+                _num(r.stats.get("max_abs_value"), ".3g"),
+                _num(r.stats.get("headroom"), ".3g"),
+                str(r.stats.get("saturated", "")),
+                _first(r) or "-",
+                _calls(r),
+                f"{r.seconds:.2f}",
+            ]
+        )
+    if not rows:
+        return []
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(TERMINAL_COLUMNS)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*TERMINAL_COLUMNS), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    return lines
+
+
+def skip_summary(results: Sequence[CaseResult]) -> list[str]:
+    skipped = Counter(r.reason for r in results if r.outcome == "skipped")
+    return [f"{n:4d} skipped: {reason}" for reason, n in skipped.most_common()]
+

@@ -1,0 +1,275 @@
+"""The engine: runs one case from fixtures to verdict, and keeps what cases share (weights, inputs, goldens).
+
+Data flows one way: synthetic weights and the profile -> the subject builds the component in the case's precision and
+captures its inputs -> probes watch the forward under the forced backend -> outputs are compared with the golden ->
+the verdict (``compare.judge``) -> a ``CaseResult``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import compare
+from .backends import CallCounter
+from .case import Case
+from .expectations import ExpectedFailure, expected_failure_for
+from .families import get_family
+from .families.common import synthetic_weights
+from .goldens import Golden, GoldenChange, GoldenError, GoldenKey, GoldenMissing, GoldenStore, tensor_digest
+from .precision import Precision, get_precision
+from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
+from .profiles import load_profiles
+from .results import CaseResult
+from .subjects.base import ComponentInputs, Subject, clone_tensors
+
+
+@dataclass
+class EngineOptions:
+    device: torch.device
+    committed_store: GoldenStore
+    local_store: GoldenStore
+    update_goldens: bool = False
+    seed: int = 0
+    ratchet: Mapping[str, float] = field(default_factory=dict)
+    expected_failures: list[ExpectedFailure] = field(default_factory=list)
+    progress: Callable[[str], None] = lambda message: None
+    golden_command: Callable[[GoldenKey], str] = lambda key: "pytest suites --update-goldens"
+
+
+@dataclass
+class ForwardRun:
+    outputs: dict[str, torch.Tensor]
+    records: list[BoundaryRecord]
+    calls: CallCounter
+    seconds: float
+    notes: list[str]
+    guard_note: str | None
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class Engine:
+    def __init__(self, subject: Subject, options: EngineOptions) -> None:
+        self.subject = subject
+        self.options = options
+        self.golden_changes: list[GoldenChange] = []
+        self._weights = _LRU(2)
+        self._inputs = _LRU(8)
+        self._goldens = _LRU(8)
+        self._reference: dict[tuple, dict | None] = {}
+
+    # -- shared fixtures -----------------------------------------------------------------------------------------
+    def store_for(self, scale: str) -> GoldenStore:
+        return self.options.committed_store if scale == "tiny" else self.options.local_store
+
+    def weights(self, component: str, scale: str) -> dict[str, torch.Tensor]:
+        key = (component, scale)
+        if key not in self._weights:
+            family = get_family(component.split(".")[0])
+            shapes = self.subject.weight_shapes(component, scale)
+            if scale != "tiny":
+                self.options.progress(f"generating synthetic {scale} weights for {component} ({sum(map(_numel, shapes.values())) / 1e6:.0f} M values)")
+            self._weights.put(key, synthetic_weights(shapes, self.options.seed, family.FAMILY, family.INIT))
+        return self._weights[key]
+
+    def inputs(self, component: str, scale: str, profile: str) -> ComponentInputs:
+        key = (component, scale, profile)
+        if key not in self._inputs:
+            family = component.split(".")[0]
+            prof = load_profiles(family)[profile]
+            self._inputs.put(key, self.subject.inputs(component, scale, prof, self.weights(component, scale), self.options.seed))
+        return self._inputs[key]
+
+    def golden(self, component: str, scale: str, profile: str) -> Golden:
+        key = GoldenKey(self.subject.name, component, scale, profile)
+        if key.id in self._goldens:
+            return self._goldens[key.id]
+        store = self.store_for(scale)
+        weights = self.weights(component, scale)
+        inputs = self.inputs(component, scale, profile)
+        inputs_sha, weights_sha = tensor_digest(inputs.kwargs), tensor_digest(weights)
+        command = self.options.golden_command(key)
+        try:
+            if not self.options.update_goldens:
+                return self._goldens.put(key.id, store.load(key, inputs_sha, weights_sha, command))
+        except GoldenMissing:
+            if store is not self.options.local_store:
+                raise
+        golden = self._make_golden(key, store, inputs, inputs_sha, weights_sha, command)
+        return self._goldens.put(key.id, golden)
+
+    def _make_golden(self, key: GoldenKey, store: GoldenStore, inputs: ComponentInputs, inputs_sha: str, weights_sha: str, command: str) -> Golden:
+        self.options.progress(f"computing golden {key.id} in float64 on CPU ({self.subject.golden_backend} attention)")
+        run = self.forward(key.component, key.scale, None, self.subject.golden_backend, inputs, device=torch.device("cpu"), probes=False)
+        info = self.subject.info()
+        meta = {
+            "subject": {"name": info.name, "version": info.version, "commit": info.commit},
+            "torch": torch.__version__,
+            "seed": self.options.seed,
+            "computed_in": "float64 on CPU",
+            "stored_as": "float32",
+            "backend": self.subject.golden_backend,
+            "inputs_sha256": inputs_sha,
+            "weights_sha256": weights_sha,
+        }
+        change = store.write(key, run.outputs, inputs.kwargs, meta)
+        self.golden_changes.append(change)
+        self.options.progress(change.describe())
+        return store.load(key, inputs_sha, weights_sha, command)
+
+    # -- one forward ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        component: str,
+        scale: str,
+        precision: Precision | None,
+        backend: str,
+        inputs: ComponentInputs,
+        device: torch.device | None = None,
+        probes: bool = True,
+    ) -> ForwardRun:
+        device = device or self.options.device
+        built = self.subject.build(component, scale, precision, self.weights(component, scale), device)
+        dtype = torch.float64 if precision is None else precision.activation_dtype
+        kwargs = clone_tensors(self.subject.cast_inputs(inputs, dtype, device))
+        counter = CallCounter()
+        probe_set = Probes(built.module, built.boundary_names, built.input_probes, enabled=probes)
+        try:
+            with torch.no_grad(), self.subject.use_backend(built.module, backend, counter), probe_set:
+                _sync(device)
+                start = time.perf_counter()
+                outputs = dict(built(kwargs))
+                _sync(device)
+                seconds = time.perf_counter() - start
+            records = probe_set.records()
+        finally:
+            notes, guard_note = built.notes, built.guard_note
+            del built, kwargs
+            gc.collect()
+        return ForwardRun(outputs, records, counter, seconds, notes, guard_note)
+
+    # -- one case ------------------------------------------------------------------------------------------------
+    def _compare(self, case: Case, golden: Golden, outputs: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        family = get_family(case.family)
+        profile = load_profiles(case.family)[case.profile]
+        per_output: dict[str, dict[str, float]] = {}
+        for name, actual in outputs.items():
+            if name not in golden.outputs:
+                raise KeyError(f"golden {golden.key.id} has no output {name!r} (it has {sorted(golden.outputs)})")
+            expected = golden.outputs[name]
+            per_output[name] = compare.metrics(expected, actual)
+            stream = family.OUTPUT_STREAMS.get(name)
+            outlier_channels = sorted({c for o in profile.outliers if o.stream == stream for c in o.channels})
+            if outlier_channels:
+                # With a few channels at 1e4+, the whole-tensor error is their rounding; judge the rest on its own too.
+                keep = torch.ones(expected.shape[-1], dtype=torch.bool)
+                keep[outlier_channels] = False
+                per_output[f"{name}/bulk"] = compare.metrics(expected[..., keep], actual.to("cpu")[..., keep])
+        return per_output
+
+    def reference_metrics(self, case: Case, golden: Golden) -> dict | None:
+        """Metrics of the same case under the reference backend (cached): what the backend rule compares with."""
+        ref = self.subject.reference_backend
+        key = (case.component, case.scale, case.precision, case.profile, case.guard)
+        if key not in self._reference:
+            if not self.subject.backend_support(ref, self.options.device).available:
+                self._reference[key] = None
+            else:
+                run = self.forward(case.component, case.scale, get_precision(case.precision), ref, self.inputs(case.component, case.scale, case.profile), probes=False)
+                self._reference[key] = {"backend": ref, "metrics": compare.worst(self._compare(case, golden, run.outputs))}
+        return self._reference[key]
+
+    def run(self, case: Case) -> CaseResult:
+        start = time.perf_counter()
+        if case.guard != "none":
+            raise ValueError(f"guard {case.guard!r}: no guard policies exist yet")
+        precision = get_precision(case.precision)
+        budget = compare.budget_for(case.precision)
+        declared = expected_failure_for(case, self.options.expected_failures)
+        try:
+            golden = self.golden(case.component, case.scale, case.profile)
+        except GoldenError as error:
+            return CaseResult(case, "failed", reason=str(error), failures=[str(error)], seconds=time.perf_counter() - start)
+        inputs = self.inputs(case.component, case.scale, case.profile)
+        run = self.forward(case.component, case.scale, precision, case.backend, inputs)
+        per_output = self._compare(case, golden, run.outputs)
+        case_metrics = compare.worst(per_output)
+        reference = self.reference_metrics(case, golden) if case.backend != self.subject.reference_backend else None
+        nonfinite = first_nonfinite(run.records)
+        output_nonfinite = sum(int((~torch.isfinite(t)).sum()) for t in run.outputs.values())
+        saturated = first_saturated(run.records)
+        stats = summarize(run.records)
+        evidence = compare.Evidence(
+            precision=case.precision,
+            backend=case.backend,
+            reference_backend=self.subject.reference_backend,
+            metrics=case_metrics,
+            reference_metrics=reference["metrics"] if reference else None,
+            first_nonfinite=nonfinite,
+            output_nonfinite=output_nonfinite,
+            saturated=None
+            if saturated is None
+            else {"boundary": saturated.boundary, "module": saturated.module, "tensor": saturated.tensor, "count": saturated.saturated, "dtype": saturated.dtype},
+            saturated_total=stats["saturated"],
+            backend_calls=run.calls.as_dict(),
+            expected_kernels=self.subject.expected_kernels(case.backend),
+            fallbacks=tuple(run.calls.fallbacks),
+            expectation=self.options.ratchet.get(case.id),
+            masked_by_guard=bool(nonfinite and not output_nonfinite and run.guard_note),
+        )
+        verdict = compare.judge(evidence, budget, declared.reason if declared else None)
+        notes = list(run.notes) + verdict.notes
+        if run.guard_note:
+            notes.append(f"subject guard: {run.guard_note}")
+        if nonfinite:
+            nonfinite = {**nonfinite, "entered": nonfinite["module"] == "input", "masked_by_guard": evidence.masked_by_guard}
+        golden_report = golden.as_report()
+        golden_report["created_this_run"] = any(c.key == golden.key and c.action != "unchanged" for c in self.golden_changes)
+        return CaseResult(
+            case,
+            verdict.outcome,
+            reason=verdict.reason,
+            metrics=case_metrics,
+            metrics_by_output=per_output,
+            reference=reference,
+            stats=stats,
+            first_nonfinite=nonfinite,
+            backend_calls=run.calls.as_dict(),
+            golden=golden_report,
+            seconds=time.perf_counter() - start,
+            forward_seconds=run.seconds,
+            budget={k: v for k, v in asdict(budget).items() if k != "provenance"},
+            failures=verdict.failures,
+            notes=notes,
+            boundaries=[r.as_dict() for r in run.records],
+            sizes=dict(inputs.sizes),
+        )
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,147 @@
+"""The Subject interface: everything version-specific about an implementation under test lives behind it.
+
+A subject knows how to
+
+* say what it is (``info``) and what it offers (``components``, ``backend_support``);
+* build a component at a scale, in a precision, from a canonical state dict (``build``);
+* turn an input profile into the component's exact inputs, using its own embedders (``inputs``);
+* force an attention backend and count the kernel's calls (``use_backend``);
+* name the boundaries the probes watch (carried by the built component).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..backends import BackendSupport, CallCounter
+from ..precision import Precision
+from ..probes import InputProbe
+from ..profiles import Profile
+
+
+@dataclass(frozen=True)
+class SubjectInfo:
+    name: str
+    version: str
+    commit: str | None = None
+    path: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "commit": self.commit, "path": self.path}
+
+
+@dataclass
+class ComponentInputs:
+    """A component's inputs as the implementation under test builds them: keyword arguments, float32, on CPU."""
+
+    kwargs: dict[str, object]
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class BuiltComponent:
+    """A component ready to run: the module, how to call it, and what its probes should watch."""
+
+    module: nn.Module
+    call: Callable[[nn.Module, Mapping[str, object]], Mapping[str, torch.Tensor]]
+    boundary_names: Mapping[str, str] = field(default_factory=dict)
+    input_probes: tuple[InputProbe, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    guard_note: str | None = None  # the subject's own guard inside this component, if any (e.g. a ±65504 clip)
+
+    def __call__(self, inputs: Mapping[str, object]) -> Mapping[str, torch.Tensor]:
+        return self.call(self.module, inputs)
+
+
+class SubjectError(RuntimeError):
+    """The subject cannot be loaded or does not offer what was asked."""
+
+
+def cast_tensors(obj, dtype: torch.dtype, device: torch.device | str):
+    """Floating tensors to ``dtype``, complex tensors to the matching complex dtype, everything to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_complex():
+            target = torch.complex128 if dtype == torch.float64 else torch.complex64
+            return obj.to(device=device, dtype=target)
+        if obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device=device)
+    if isinstance(obj, tuple):
+        return tuple(cast_tensors(x, dtype, device) for x in obj)
+    if isinstance(obj, list):
+        return [cast_tensors(x, dtype, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: cast_tensors(v, dtype, device) for k, v in obj.items()}
+    return obj
+
+
+def clone_tensors(obj):
+    """A deep copy of every tensor, so a component that updates its inputs in place cannot touch the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple):
+        return tuple(clone_tensors(x) for x in obj)
+    if isinstance(obj, list):
+        return [clone_tensors(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: clone_tensors(v) for k, v in obj.items()}
+    return obj
+
+
+class Subject(ABC):
+    name: str
+    reference_backend: str = "sdpa"  # a backend is judged against this one in the same precision
+    golden_backend: str = "math"  # the backend goldens are computed with, in float64 on CPU
+
+    @abstractmethod
+    def info(self) -> SubjectInfo: ...
+
+    @abstractmethod
+    def components(self) -> tuple[str, ...]: ...
+
+    @abstractmethod
+    def backend_support(self, backend: str, device: torch.device) -> BackendSupport: ...
+
+    @abstractmethod
+    def expected_kernels(self, backend: str) -> tuple[str, ...]:
+        """Labels in the call counter that prove ``backend`` ran."""
+
+    @abstractmethod
+    def weight_shapes(self, component: str, scale: str) -> dict[str, tuple[int, ...]]:
+        """Canonical keys and shapes of the component's weights, plus the embedder weights its inputs need."""
+
+    @abstractmethod
+    def build(
+        self, component: str, scale: str, precision: Precision | None, weights: Mapping[str, torch.Tensor], device: torch.device
+    ) -> BuiltComponent:
+        """``precision=None`` builds the float64 golden configuration."""
+
+    @abstractmethod
+    def inputs(
+        self, component: str, scale: str, profile: Profile, weights: Mapping[str, torch.Tensor], seed: int
+    ) -> ComponentInputs: ...
+
+    @abstractmethod
+    def use_backend(self, module: nn.Module, backend: str, counter: CallCounter) -> contextlib.AbstractContextManager: ...
+
+    def cast_inputs(self, inputs: ComponentInputs, dtype: torch.dtype, device: torch.device) -> dict[str, object]:
+        return cast_tensors(inputs.kwargs, dtype, device)
+
+    def packages(self) -> dict[str, str]:
+        return {}
+
+
+@contextlib.contextmanager
+def patched(obj, attr: str, value) -> Iterator[None]:
+    original = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, original)

@@ -1,0 +1,130 @@
+"""The diffusers subject: the installed ``diffusers`` package, its own block classes, embedders and attention dispatcher."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...backends import BackendSupport, CallCounter, package_reasons
+from ...precision import Precision
+from ...profiles import Profile
+from ..base import BuiltComponent, ComponentInputs, Subject, SubjectError, SubjectInfo
+
+# Suite backend name -> diffusers AttentionBackendName value.
+BACKEND_NAMES = {
+    "sdpa": "native",
+    "math": "_native_math",
+    "flash": "flash",
+    "xformers": "xformers",
+    "sage": "sage",
+}
+# Optional packages behind a backend: (module, distribution).
+BACKEND_PACKAGES = {"flash": ("flash_attn", "flash-attn"), "xformers": ("xformers", "xformers"), "sage": ("sageattention", "sageattention")}
+CUDA_ONLY = {"flash", "xformers", "sage"}
+
+
+def _import_diffusers():
+    try:
+        import diffusers  # noqa: F401
+        from diffusers.models import attention_dispatch
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise SubjectError(f"the diffusers subject needs the diffusers package: {error}") from error
+    return diffusers, attention_dispatch
+
+
+class DiffusersSubject(Subject):
+    name = "diffusers"
+    reference_backend = "sdpa"
+
+    def __init__(self) -> None:
+        self._diffusers, self._dispatch = _import_diffusers()
+        from .qwen import QwenBlock
+
+        self._components = {adapter.component: adapter for adapter in (QwenBlock(),)}
+
+    # -- what it is ---------------------------------------------------------------------------------------------
+    def info(self) -> SubjectInfo:
+        return SubjectInfo(
+            name=self.name, version=self._diffusers.__version__, commit=None, path=str(Path(self._diffusers.__file__).parent)
+        )
+
+    def packages(self) -> dict[str, str]:
+        out = {}
+        for dist in ("diffusers", "safetensors", "huggingface_hub", "xformers", "sageattention", "flash-attn"):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                out[dist] = importlib.metadata.version(dist)
+        return out
+
+    def components(self) -> tuple[str, ...]:
+        return tuple(self._components)
+
+    def _adapter(self, component: str):
+        try:
+            return self._components[component]
+        except KeyError:
+            raise SubjectError(f"diffusers subject has no component {component!r}; it offers {', '.join(self._components)}") from None
+
+    # -- backends ---------------------------------------------------------------------------------------------
+    def backend_support(self, backend: str, device: torch.device) -> BackendSupport:
+        if backend not in BACKEND_NAMES:
+            return BackendSupport(backend, (f"not offered by diffusers {self._diffusers.__version__} (a ComfyUI attention function)",))
+        reasons: list[str] = []
+        if backend in BACKEND_PACKAGES:
+            reasons += package_reasons(*BACKEND_PACKAGES[backend])
+        if not reasons:
+            name = self._dispatch.AttentionBackendName(BACKEND_NAMES[backend])
+            try:
+                self._dispatch._check_attention_backend_requirements(name)
+            except RuntimeError as error:
+                reasons.append(str(error))
+        if backend in CUDA_ONLY and device.type != "cuda":
+            reasons.append("needs a CUDA device")
+        return BackendSupport(backend, tuple(reasons))
+
+    def expected_kernels(self, backend: str) -> tuple[str, ...]:
+        return (f"diffusers:{BACKEND_NAMES[backend]}",)
+
+    @contextlib.contextmanager
+    def use_backend(self, module: nn.Module, backend: str, counter: CallCounter) -> Iterator[None]:
+        """Pin every attention processor of ``module`` to the backend and count calls into its registry entry.
+
+        The processors' ``_attention_backend`` attribute is what ``dispatch_attention_fn`` reads; the registry entry is
+        the function it then calls. Constraint checks are on while the case runs, so an unsupported dtype or device
+        raises diffusers' own error instead of misbehaving.
+        """
+        registry = self._dispatch._AttentionBackendRegistry
+        name = self._dispatch.AttentionBackendName(BACKEND_NAMES[backend])
+        original_fn = registry._backends[name]
+        original_checks = registry._checks_enabled
+        processors = [m.processor for m in module.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+        previous = [p._attention_backend for p in processors]
+        registry._backends[name] = counter.wrap(f"diffusers:{name.value}", original_fn)
+        registry._checks_enabled = True
+        for processor in processors:
+            processor._attention_backend = name
+        try:
+            yield
+        finally:
+            registry._backends[name] = original_fn
+            registry._checks_enabled = original_checks
+            for processor, value in zip(processors, previous):
+                processor._attention_backend = value
+
+    # -- components ----------------------------------------------------------------------------------------------
+    def weight_shapes(self, component: str, scale: str) -> dict[str, tuple[int, ...]]:
+        return self._adapter(component).weight_shapes(scale)
+
+    def build(
+        self, component: str, scale: str, precision: Precision | None, weights: Mapping[str, torch.Tensor], device: torch.device
+    ) -> BuiltComponent:
+        return self._adapter(component).build(scale, precision, weights, device)
+
+    def inputs(
+        self, component: str, scale: str, profile: Profile, weights: Mapping[str, torch.Tensor], seed: int
+    ) -> ComponentInputs:
+        return self._adapter(component).inputs(scale, profile, weights, seed)

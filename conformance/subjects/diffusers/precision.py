@@ -1,0 +1,83 @@
+"""Precision policies applied the way diffusers does it.
+
+Native dtypes: ``module.to(dtype)``. fp8 storage: diffusers' layerwise casting (``diffusers.hooks``) stores a leaf
+layer's weights in fp8 and casts them to the compute dtype just before each call; its hook casts without a scale.
+``ScaledLayerwiseCastingHook`` is the same mechanism (same hook registry, same leaf-layer classes, same skip patterns)
+with a per-tensor scale, so e4m3's 448 ceiling does not clip real weights. Biases stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ...precision import Precision, QuantStats, dequantize, quantize_per_tensor
+
+HOOK_NAME = "conformance_scaled_fp8"
+
+
+def _hooks():
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    return HookRegistry, ModelHook, _GO_LC_SUPPORTED_PYTORCH_LAYERS, DEFAULT_SKIP_MODULES_PATTERN
+
+
+def _make_hook_class():
+    _, ModelHook, _, _ = _hooks()
+
+    class ScaledLayerwiseCastingHook(ModelHook):
+        _is_stateful = False
+
+        def __init__(self, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+            super().__init__()
+            self.storage_dtype = storage_dtype
+            self.compute_dtype = compute_dtype
+            self.qweight: torch.Tensor | None = None
+            self.scale: torch.Tensor | None = None
+            self.stats: QuantStats | None = None
+
+        def initialize_hook(self, module: nn.Module) -> nn.Module:
+            self.qweight, self.scale, self.stats = quantize_per_tensor(module.weight.data, self.storage_dtype)
+            module.weight.data = self.qweight
+            return module
+
+        def pre_forward(self, module: nn.Module, *args, **kwargs):
+            module.weight.data = dequantize(self.qweight, self.scale, self.compute_dtype)
+            return args, kwargs
+
+        def post_forward(self, module: nn.Module, output):
+            module.weight.data = self.qweight
+            return output
+
+    return ScaledLayerwiseCastingHook
+
+
+def apply_precision(module: nn.Module, precision: Precision | None, device: torch.device) -> list[str]:
+    """Cast ``module`` for ``precision`` (None: the float64 golden). Returns notes for the report."""
+    if precision is None:
+        module.to(device=device, dtype=torch.float64)
+        return []
+    module.to(device=device, dtype=precision.compute_dtype)
+    if not precision.is_fp8:
+        return []
+    if precision.scaled != "per_tensor":
+        raise ValueError(f"diffusers subject supports per-tensor scaled fp8 only, not {precision.scaled!r}")
+    HookRegistry, _, leaf_layers, skip_patterns = _hooks()
+    hook_class = _make_hook_class()
+    saturated = flushed = quantized = 0
+    for name, layer in module.named_modules():
+        if not isinstance(layer, leaf_layers) or any(re.search(p, name) for p in skip_patterns):
+            continue
+        hook = hook_class(precision.storage_dtype, precision.compute_dtype)
+        HookRegistry.check_if_exists_or_initialize(layer).register_hook(hook, HOOK_NAME)
+        quantized += 1
+        saturated += hook.stats.saturated
+        flushed += hook.stats.flushed_to_zero
+    return [
+        f"{quantized} layers stored as {str(precision.storage_dtype).removeprefix('torch.')} with per-tensor scales "
+        f"({saturated} weights at the format max, {flushed} non-zero weights flushed to zero)"
+    ]

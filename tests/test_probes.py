@@ -1,0 +1,127 @@
+"""Probes name the module where a bad value is born, and the stats they record are right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from conformance.precision import get_precision
+from conformance.probes import INPUT, ROOT, Probes, first_nonfinite, first_saturated, tensor_stats
+
+from .helpers import diffusers_subject, engine
+
+
+def _block_module_names() -> list[str]:
+    subject = diffusers_subject()
+    from conformance.families.common import synthetic_weights
+    from conformance.families import qwen
+
+    shapes = subject.weight_shapes("qwen.block", "tiny")
+    built = subject.build("qwen.block", "tiny", get_precision("fp32"), synthetic_weights(shapes, 0, "qwen", qwen.INIT), torch.device("cpu"))
+    # Containers (ModuleList) are never called; everything else runs in a forward.
+    return [name for name, m in built.module.named_modules() if not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))]
+
+
+MODULES = _block_module_names()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    eng = engine(tmp_path_factory.mktemp("stores"))
+    return eng, eng.inputs("qwen.block", "tiny", "nominal")
+
+
+def _run_with_plant(eng, inputs, module_name: str, value: float):
+    subject = eng.subject
+    built = subject.build("qwen.block", "tiny", get_precision("fp32"), eng.weights("qwen.block", "tiny"), torch.device("cpu"))
+    target = dict(built.module.named_modules())[module_name]
+
+    def plant(_module, _args, output):
+        first = output[0] if isinstance(output, tuple) else output
+        first.view(-1)[first.numel() // 2] = value  # one bad value in the module's (first) output
+        return output
+
+    target.register_forward_hook(plant)
+    kwargs = subject.cast_inputs(inputs, torch.float32, torch.device("cpu"))
+    with torch.no_grad(), Probes(built.module, built.boundary_names, built.input_probes) as probes:
+        outputs = built(kwargs)
+    return probes.records(), outputs
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("module_name", MODULES, ids=[m or ROOT for m in MODULES])
+def test_planted_nonfinite_is_located_in_its_module(tiny, module_name, value):
+    eng, inputs = tiny
+    records, _ = _run_with_plant(eng, inputs, module_name, value)
+    first = first_nonfinite(records)
+    assert first is not None
+    assert first["module"] == (module_name or ROOT)
+    assert first["count"] >= 1
+    assert first["nan"] == (1 if math.isnan(value) else 0) or first["count"] > 1
+
+
+def test_nonfinite_input_is_reported_as_entering(tiny):
+    eng, inputs = tiny
+    subject = eng.subject
+    built = subject.build("qwen.block", "tiny", get_precision("fp32"), eng.weights("qwen.block", "tiny"), torch.device("cpu"))
+    kwargs = subject.cast_inputs(inputs, torch.float32, torch.device("cpu"))
+    kwargs["encoder_hidden_states"][0, 3, 5] = math.nan
+    with torch.no_grad(), Probes(built.module, built.boundary_names, built.input_probes) as probes:
+        built(kwargs)
+    first = first_nonfinite(probes.records())
+    assert first["module"] == INPUT and first["tensor"] == "encoder_hidden_states" and first["count"] == 1
+
+
+def test_clip_masked_overflow_shows_as_saturation(tmp_path):
+    """diffusers clips fp16 Qwen outputs to +-65504: an overflow in the residual add leaves only saturated values."""
+    eng = engine(tmp_path)
+    weights = eng.weights("qwen.block", "tiny")
+    dim, channel = 256, 233  # the massive profile holds img channel 233 at 6e4
+    gate2 = 5 * dim + channel  # img_mod output chunks: shift1, scale1, gate1, shift2, scale2, gate2
+    weights["img_mod.1.weight"][gate2] = 0.0
+    weights["img_mod.1.bias"][gate2] = 1.0
+    weights["img_mlp.net.2.bias"][channel] = 2e4  # 6e4 + 2e4 > 65504: the residual add overflows, the MLP does not
+    run = eng.forward("qwen.block", "tiny", get_precision("fp16"), "sdpa", eng.inputs("qwen.block", "tiny", "massive"))
+    assert first_nonfinite(run.records) is None  # the inf was born in an in-line add and clipped before the return
+    saturated = first_saturated(run.records)
+    assert saturated is not None and saturated.module == ROOT and saturated.tensor == "output[1]"
+    assert saturated.saturated == 64  # channel 233 of every image token
+    assert float(run.outputs["img"].abs().max()) == 65504.0
+
+
+def _reference_stats(x: torch.Tensor) -> list[float]:
+    xd = x.double()
+    finite = torch.isfinite(xd)
+    return [
+        float((~finite).sum()),
+        float(torch.isnan(xd).sum()),
+        float(xd[finite].abs().max()) if finite.any() else 0.0,
+        float((xd.abs() == torch.finfo(x.dtype).max).sum()),
+    ]
+
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@given(
+    dtype=st.sampled_from(sorted(DTYPES)),
+    values=arrays(
+        dtype="float32",
+        shape=st.integers(1, 257),
+        elements=st.one_of(
+            st.floats(width=32, allow_nan=True, allow_infinity=True),
+            st.sampled_from([0.0, -0.0, 65504.0, -65504.0, 1e-8, 6e-8]),
+        ),
+    ),
+    stride=st.integers(1, 3),
+)
+def test_tensor_stats_match_a_plain_reference(dtype, values, stride):
+    x = torch.from_numpy(values).to(DTYPES[dtype])[::stride]  # odd sizes and non-contiguous views
+    special = torch.tensor([torch.finfo(DTYPES[dtype]).max], dtype=DTYPES[dtype])
+    x = torch.cat([x, special]) if stride == 3 else x
+    assert tensor_stats(x).tolist() == _reference_stats(x)

@@ -1,0 +1,96 @@
+"""The suite end to end, as users run it: markers select, reports follow their contract, bad goldens fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import jsonschema
+import pytest
+
+from conformance.paths import GOLDEN_DIR, REPO_ROOT
+
+SCHEMA = json.loads((REPO_ROOT / "conformance" / "schema" / "results.schema.json").read_text())
+
+
+def run_suite(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    report_dir = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "suites", "-q", "-p", "no:randomly", "--report-dir", str(report_dir), "--golden-store", str(tmp_path / "local"), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc, report_dir
+
+
+@pytest.fixture(scope="module")
+def fp16_run(tmp_path_factory):
+    return run_suite(tmp_path_factory.mktemp("fp16"), "-m", "qwen_fp16")
+
+
+def test_marker_selects_only_qwen_fp16_cases(fp16_run):
+    proc, report_dir = fp16_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cases = json.loads((report_dir / "results.json").read_text())["cases"]
+    assert {(c["family"], c["precision"]) for c in cases} == {("qwen", "fp16")}
+    # one per backend and profile: 8 backends x 2 profiles, the unavailable ones skipped with their reason
+    assert sorted({(c["backend"], c["profile"]) for c in cases}) == sorted(
+        (b, p) for b in ("sdpa", "math", "split", "sub_quad", "basic", "xformers", "sage", "flash") for p in ("nominal", "massive")
+    )
+    ran = [c for c in cases if c["outcome"] != "skipped"]
+    assert {c["backend"] for c in ran} == {"sdpa", "math"}
+    for c in ran:
+        assert c["outcome"] == "passed"
+        assert c["metrics"]["rel_l2"] > 0 and c["stats"]["boundaries"] > 30 and sum(c["backend_calls"].values()) >= 1
+    for c in cases:
+        if c["outcome"] == "skipped":
+            assert c["reason"]
+
+
+def test_results_json_follows_its_contract(fp16_run):
+    _, report_dir = fp16_run
+    document = json.loads((report_dir / "results.json").read_text())
+    jsonschema.validate(document, SCHEMA)
+    run = document["run"]
+    assert run["subject"]["name"] == "diffusers" and run["subject"]["version"]
+    assert run["options"]["markexpr"] == "qwen_fp16"
+
+
+def test_summary_and_junit_are_written(fp16_run):
+    proc, report_dir = fp16_run
+    summary = (report_dir / "summary.md").read_text()
+    assert "| case | outcome | rel_l2 |" in summary and "diffusers-qwen.block-tiny-fp16-sdpa-massive" in summary
+    suite = ET.parse(report_dir / "junit.xml").getroot()
+    assert suite.get("tests") == "16" and len(suite.findall("testcase")) == 16
+    assert "conformance" in proc.stdout and "first non-finite" in proc.stdout  # the table printed at the end
+
+
+def test_missing_golden_fails_with_the_command_that_creates_it(tmp_path):
+    proc, report_dir = run_suite(tmp_path, "-m", "qwen_fp32 and sdpa", "--profile", "nominal", "--golden-dir", str(tmp_path / "empty"))
+    assert proc.returncode == 1
+    case = json.loads((report_dir / "results.json").read_text())["cases"][0]
+    assert case["outcome"] == "failed" and "create it with: pytest suites" in case["reason"] and "--update-goldens" in case["reason"]
+
+
+def test_tampered_golden_fails_the_case(tmp_path):
+    copy = tmp_path / "golden"
+    shutil.copytree(GOLDEN_DIR, copy)
+    path = copy / "diffusers" / "qwen.block" / "tiny" / "nominal.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 0x10
+    path.write_bytes(bytes(data))
+    proc, report_dir = run_suite(tmp_path, "-m", "qwen_fp32 and sdpa", "--profile", "nominal", "--golden-dir", str(copy))
+    assert proc.returncode == 1
+    case = json.loads((report_dir / "results.json").read_text())["cases"][0]
+    assert "changed outside --update-goldens" in case["reason"]
+
+
+def test_unknown_option_values_are_usage_errors(tmp_path):
+    proc, _ = run_suite(tmp_path, "--scale", "huge")
+    assert proc.returncode == 4 and "--scale: unknown ['huge']" in proc.stderr + proc.stdout
