@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from conformance.case import Case
 from conformance.precision import get_precision
-from conformance.probes import INPUT, ROOT, Probes, first_nonfinite, first_saturated, tensor_stats
+from conformance.probes import INPUT, ROOT, Probes, first_nonfinite, tensor_stats
 
 from .helpers import diffusers_subject, engine
 
@@ -77,21 +78,29 @@ def test_nonfinite_input_is_reported_as_entering(tiny):
     assert first["module"] == INPUT and first["tensor"] == "encoder_hidden_states" and first["count"] == 1
 
 
-def test_clip_masked_overflow_shows_as_saturation(tmp_path):
-    """diffusers clips fp16 Qwen outputs to +-65504: an overflow in the residual add leaves only saturated values."""
-    eng = engine(tmp_path)
+def test_clip_masked_overflow_shows_as_saturation_and_fails(tmp_path):
+    """diffusers clips fp16 Qwen outputs to +-65504: an overflow in the residual add leaves only saturated values.
+
+    Channel 233 of the image stream sits at 6e4 (massive profile); a gate of 1 and an MLP bias of 2e4 push the
+    residual to 8e4. In fp16 the in-line add overflows to inf, which the clip turns into 65504 before the block
+    returns: no probe sees a non-finite value, the output is finite, and only the saturation count tells.
+    """
+    eng = engine(tmp_path, committed=tmp_path / "golden", update_goldens=True)
     weights = eng.weights("qwen.block", "tiny")
-    dim, channel = 256, 233  # the massive profile holds img channel 233 at 6e4
+    dim, channel = 256, 233
     gate2 = 5 * dim + channel  # img_mod output chunks: shift1, scale1, gate1, shift2, scale2, gate2
     weights["img_mod.1.weight"][gate2] = 0.0
     weights["img_mod.1.bias"][gate2] = 1.0
     weights["img_mlp.net.2.bias"][channel] = 2e4  # 6e4 + 2e4 > 65504: the residual add overflows, the MLP does not
-    run = eng.forward("qwen.block", "tiny", get_precision("fp16"), "sdpa", eng.inputs("qwen.block", "tiny", "massive"))
-    assert first_nonfinite(run.records) is None  # the inf was born in an in-line add and clipped before the return
-    saturated = first_saturated(run.records)
-    assert saturated is not None and saturated.module == ROOT and saturated.tensor == "output[1]"
-    assert saturated.saturated == 64  # channel 233 of every image token
-    assert float(run.outputs["img"].abs().max()) == 65504.0
+
+    fp16 = eng.run(Case("diffusers", "qwen", "qwen.block", "tiny", "fp16", "sdpa", "massive"))
+    assert fp16.first_nonfinite is None  # the inf was born in an in-line add and clipped before the return
+    assert fp16.outcome == "failed"
+    assert fp16.reason.startswith("64 values saturated at the float16 maximum; first at block (block output, output[1])")
+    assert fp16.stats["max_abs_value"] == 65504.0 and fp16.stats["saturated"] == 64
+    assert fp16.metrics_by_output["img/bulk"]["rel_l2"] < 1e-3  # only the clipped channel is wrong
+    bf16 = eng.run(Case("diffusers", "qwen", "qwen.block", "tiny", "bf16", "sdpa", "massive"))
+    assert bf16.outcome == "passed" and bf16.stats["max_abs_value"] > 65504  # bf16 holds 8e4
 
 
 def _reference_stats(x: torch.Tensor) -> list[float]:
