@@ -23,6 +23,9 @@ BACKENDS: dict[str, str] = {
     "flash": "flash-attn flash_attn_func",
 }
 
+# Not a backend: the cross-implementation check (same weights and inputs through two subjects' blocks, fp32).
+XCHECK = "xcheck"
+
 
 @dataclass(frozen=True)
 class BackendSupport:
@@ -42,10 +45,13 @@ class CallCounter:
         self.fallbacks: list[str] = []
 
     def wrap(self, label: str, fn: Callable) -> Callable:
+        """Count a call once it has returned: a kernel that raised (and was replaced by a fallback) did not run."""
+
         @functools.wraps(fn)
         def counted(*args, **kwargs):
+            out = fn(*args, **kwargs)
             self.counts[label] += 1
-            return fn(*args, **kwargs)
+            return out
 
         counted.__wrapped_by_conformance__ = True  # type: ignore[attr-defined]
         return counted

@@ -8,7 +8,7 @@ The rules (ARCHITECTURE.md, "Tolerance rules"), checked in this order, each fail
    backend's error is within ``k`` times the error of the reference backend in the same precision plus a floor
    (the flash-attention / dynamo ``same()`` rule);
 3. ratchet: no worse than a recorded expectation by more than its margin, where one exists;
-4. the requested backend really ran (non-zero call counts) and nothing fell back silently.
+4. the requested backend really ran (every kernel it is made of has non-zero calls) and nothing fell back silently.
 
 A case declared as an expected failure is ``xfailed`` when it fails, and ``failed`` when it unexpectedly passes.
 """
@@ -135,6 +135,7 @@ class Evidence:
     fallbacks: tuple[str, ...] = ()
     expectation: float | None = None  # rel_l2 recorded by a baseline run
     masked_by_guard: bool = False
+    consistency_failures: tuple[str, ...] = ()  # e.g. two ways of forcing one backend that disagree
 
 
 @dataclass
@@ -205,14 +206,37 @@ def judge(ev: Evidence, budget: Budget, expected_failure: str | None = None) -> 
                 )
 
     # 4. the backend ran
-    if not ev.backend_calls or not any(ev.backend_calls.get(k, 0) for k in ev.expected_kernels):
-        wanted = ", ".join(ev.expected_kernels) or ev.backend
-        failures.append(f"backend {ev.backend} never ran (calls: {dict(ev.backend_calls) or 'none'}; expected {wanted})")
+    missing = [k for k in ev.expected_kernels if not ev.backend_calls.get(k, 0)]
+    if missing or not ev.backend_calls:
+        wanted = ", ".join(missing or ev.expected_kernels) or ev.backend
+        failures.append(f"backend {ev.backend} never ran (calls: {dict(ev.backend_calls) or 'none'}; missing {wanted})")
     for message in ev.fallbacks:
         failures.append(f"silent fallback: {message}")
+    failures.extend(ev.consistency_failures)
 
     if expected_failure:
         if failures:
             return Verdict("xfailed", failures, [f"expected failure: {expected_failure}"] + notes)
         return Verdict("failed", [f"declared as an expected failure ({expected_failure}) but passed"], notes)
     return Verdict("failed" if failures else "passed", failures, notes)
+
+
+@cache
+def xcheck_budget(path: Path = BUDGETS_FILE) -> float:
+    with path.open("rb") as handle:
+        return float(tomllib.load(handle)["xcheck"]["rel_l2"])
+
+
+def judge_xcheck(
+    per_output: Mapping[str, Mapping[str, float]], budget: float, ours: Mapping[str, int], theirs: Mapping[str, int]
+) -> Verdict:
+    """Two implementations, same weights and inputs, fp32: every output within ``budget`` relative L2."""
+    failures = []
+    for name, m in per_output.items():
+        if math.isnan(m["rel_l2"]):
+            failures.append(f"{name}: non-finite output")
+        elif m["rel_l2"] > budget:
+            failures.append(f"{name}: rel_l2 {_fmt(m['rel_l2'])} > cross-implementation budget {_fmt(budget)}")
+    if not ours or not theirs:
+        failures.append(f"an attention backend never ran (calls: {dict(ours)} / {dict(theirs)})")
+    return Verdict("failed" if failures else "passed", failures, [])

@@ -10,8 +10,10 @@ the inputs and of the weights, so that
 * nothing is replaced silently: ``--update-goldens`` rewrites atomically (temporary file + rename) and reports, for
   every golden it touched, the old and new hash and the largest difference.
 
-Two stores exist: ``golden/`` in the repository (tiny scale, committed) and a local store for real-scale goldens,
-too large to commit, created on demand (``paths.local_golden_store``).
+Goldens are keyed by subject and identity (version, commit, local changes). Two stores exist: ``golden/`` in the
+repository holds tiny-scale goldens of the identities the project pins (diffusers of the CI constraints, the ComfyUI
+releases it is tested on); a local store (``paths.local_golden_store``) receives, on demand, real-scale goldens (too
+large to commit) and goldens of any identity the repository does not hold (a user's own checkout).
 """
 
 from __future__ import annotations
@@ -35,18 +37,22 @@ FORMAT = 1
 
 @dataclass(frozen=True)
 class GoldenKey:
+    """A golden belongs to one implementation at one identity (version, commit, local changes): each is judged against
+    its own float64 run. Whether two identities compute the same thing is the gate's question, not the golden's."""
+
     subject: str
+    identity: str
     component: str
     scale: str
     profile: str
 
     @property
     def id(self) -> str:
-        return f"{self.subject}/{self.component}/{self.scale}/{self.profile}"
+        return f"{self.subject}@{self.identity}/{self.component}/{self.scale}/{self.profile}"
 
     @property
     def relpath(self) -> str:
-        return f"{self.id}.safetensors"
+        return f"{self.subject}/{self.identity}/{self.component}/{self.scale}/{self.profile}.safetensors"
 
 
 class GoldenError(Exception):
@@ -184,6 +190,11 @@ class GoldenStore:
 
     def entry(self, key: GoldenKey) -> dict | None:
         return self.manifest()["goldens"].get(key.id)
+
+    def has_identity(self, subject: str, identity: str) -> bool:
+        """Whether this store holds any golden of that subject at that identity."""
+        prefix = f"{subject}@{identity}/"
+        return any(k.startswith(prefix) for k in self.manifest()["goldens"])
 
     def load(self, key: GoldenKey, inputs_sha256: str, weights_sha256: str, create_command: str) -> Golden:
         entry = self.entry(key)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import BACKENDS
+from .backends import BACKENDS, XCHECK
 from .case import Case
 from .families import family_of
 from .precision import PRECISIONS
@@ -41,12 +41,24 @@ def build_matrix(
                 if profile not in available_profiles:
                     continue
                 for precision in PRECISIONS.values():
-                    precision_reasons = precision.not_supported_reasons(device)
+                    precision_reasons = precision.not_supported_reasons(device) + list(subject.precision_support(precision, device))
                     for backend in BACKENDS:
                         support = subject.backend_support(backend, device)
+                        # One reason is enough to skip: the precision's, else the backend's.
                         reasons = [f"{precision.name}: {r}" for r in precision_reasons]
-                        reasons += [f"{backend}: {r}" for r in support.reasons]
+                        reasons = reasons or [f"{backend}: {r}" for r in support.reasons]
                         for guard in guards:
                             case = Case(subject.name, family, component, scale, precision.name, backend, profile, guard)
                             entries.append(MatrixEntry(case, "; ".join(reasons) or None))
+                if subject.xcheck_partner:
+                    case = Case(subject.name, family, component, scale, "fp32", XCHECK, profile)
+                    entries.append(MatrixEntry(case, _partner_reason(subject.xcheck_partner)))
     return entries
+
+
+def _partner_reason(partner: str) -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec(partner) is None:
+        return f"xcheck: the partner implementation {partner} is not installed"
+    return None

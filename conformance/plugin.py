@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import os
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from .backends import BACKENDS
+from .backends import BACKENDS, XCHECK
 from .case import Case
 from .families import FAMILIES
 from .matrix import SCALES, build_matrix
@@ -23,7 +24,7 @@ from .precision import PRECISIONS
 from .results import CaseResult
 
 PRECISION_MARKERS = tuple(dict.fromkeys(p.marker for p in PRECISIONS.values()))
-SUBJECTS = ("diffusers",)
+SUBJECTS = ("diffusers", "comfyui")
 GUARDS = ("none",)
 OTHER_MARKERS = {
     "vae": "VAE decoder cases",
@@ -32,13 +33,15 @@ OTHER_MARKERS = {
     "guard": "cases run under a guard policy",
     "lifecycle": "repeated and mixed-model runs in one process",
     "bench": "benchmarks (pytest-benchmark); not part of the default run",
+    XCHECK: "cross-implementation check: same weights and inputs through two subjects' components, fp32",
     "conformance(kind)": "a test that takes the `case` fixture; kind is 'block' or 'vae'",
 }
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance", "numerical conformance of diffusion-model components")
-    group.addoption("--subject", choices=SUBJECTS, default=None, help="implementation under test (default: diffusers)")
+    group.addoption("--subject", choices=SUBJECTS, default=None, help="implementation under test (default: comfyui when a checkout is given, else diffusers)")
+    group.addoption("--comfyui", default=None, metavar="PATH", help="ComfyUI checkout to test (default: $COMFYUI_PATH)")
     group.addoption("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     group.addoption("--scale", default="tiny", help=f"comma-separated scales: {', '.join(SCALES)} (default: tiny)")
     group.addoption("--profile", default=None, help="comma-separated input profiles (default: every profile of the family)")
@@ -96,6 +99,22 @@ class ConformanceSession:
     def validate(self) -> None:
         """Check option values before collection, so a typo is a usage error, not a collection error."""
         self.device, self.scales, self.guards  # noqa: B018 - each property raises UsageError on a bad value
+        if self.subject_name == "comfyui" and not self.comfyui_path:
+            raise UsageError("--subject comfyui needs a checkout: --comfyui PATH or COMFYUI_PATH")
+        if self.comfyui_path:
+            self._refuse_comfyui_conftests(Path(self.comfyui_path).expanduser().resolve())
+
+    def _refuse_comfyui_conftests(self, checkout: Path) -> None:
+        """When the plugin comes from the checkout's conftest.py (not installed), pytest reads ``--comfyui PATH`` as a
+        test path before the option exists and loads ComfyUI's own tests/conftest.py, whose autouse fixture creates
+        directories in the working directory. Stop before anything runs."""
+        for plugin in self.config.pluginmanager.get_plugins():
+            origin = getattr(plugin, "__file__", None)
+            if origin and Path(origin).resolve().is_relative_to(checkout):
+                raise UsageError(
+                    f"pytest loaded {origin} from the ComfyUI checkout because '--comfyui {checkout}' was read as a "
+                    "test path; write --comfyui=PATH, set COMFYUI_PATH, or install the suite (pip install -e .)"
+                )
         profiles = _split(self.opt("--profile"))
         if profiles:
             from .profiles import load_profiles
@@ -109,8 +128,12 @@ class ConformanceSession:
         return self.config.getoption(name)
 
     @property
+    def comfyui_path(self) -> str | None:
+        return self.opt("--comfyui") or os.environ.get("COMFYUI_PATH") or None
+
+    @property
     def subject_name(self) -> str:
-        return self.opt("--subject") or "diffusers"
+        return self.opt("--subject") or ("comfyui" if self.comfyui_path else "diffusers")
 
     @property
     def device(self) -> torch.device:
@@ -157,9 +180,12 @@ class ConformanceSession:
     @property
     def subject(self):
         if self._subject is None:
-            from .subjects import load_subject
+            from .subjects import SubjectError, load_subject
 
-            self._subject = load_subject(self.subject_name)
+            try:
+                self._subject = load_subject(self.subject_name, comfyui_path=self.comfyui_path, device=self.device)
+            except SubjectError as error:
+                raise UsageError(str(error)) from error
         return self._subject
 
     def matrix(self):
@@ -170,6 +196,8 @@ class ConformanceSession:
 
     def golden_command(self, key) -> str:
         parts = ["pytest suites", f"--subject {key.subject}", f"--scale {key.scale}", f"--profile {key.profile}"]
+        if key.subject == "comfyui":
+            parts.append(f"--comfyui {self.comfyui_path}")
         if self.opt("--golden-dir"):
             parts.append(f"--golden-dir {self.opt('--golden-dir')}")
         if self.opt("--golden-store"):
@@ -236,9 +264,11 @@ class ConformanceSession:
             "device": str(self.device),
             **environment(),
             "subject": info,
+            "subject_settings": self._subject.settings() if self._subject else {},
             "packages": self._subject.packages() if self._subject else {},
             "options": {
                 "subject": self.subject_name,
+                "comfyui": self.comfyui_path,
                 "scale": list(self.scales),
                 "profile": self.opt("--profile"),
                 "guard": list(self.guards),

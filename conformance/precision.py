@@ -16,9 +16,10 @@ class Precision:
     name: str
     marker: str  # the precision marker users type: fp32, bf16, fp16, fp8
     storage_dtype: torch.dtype  # weights at rest
-    compute_dtype: torch.dtype  # weights and activations inside the math
+    compute_dtype: torch.dtype  # activations, and weights inside the math unless the matmul itself is fp8
+    kind: str  # native | fp8_storage | fp8_scaled | fp8_block | fp8_mm
     description: str
-    scaled: str | None = None  # None, "per_tensor" or "block"
+    block_size: int | None = None
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -26,7 +27,7 @@ class Precision:
 
     @property
     def is_fp8(self) -> bool:
-        return self.storage_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        return self.kind != "native"
 
     def not_supported_reasons(self, device: torch.device) -> list[str]:
         reasons = []
@@ -35,19 +36,47 @@ class Precision:
         return reasons
 
 
+E4M3 = getattr(torch, "float8_e4m3fn", None)
+
 PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
-        Precision("fp32", "fp32", torch.float32, torch.float32, "weights and activations in float32"),
-        Precision("bf16", "bf16", torch.bfloat16, torch.bfloat16, "weights and activations in bfloat16"),
-        Precision("fp16", "fp16", torch.float16, torch.float16, "weights and activations in float16"),
+        Precision("fp32", "fp32", torch.float32, torch.float32, "native", "weights and activations in float32"),
+        Precision("bf16", "bf16", torch.bfloat16, torch.bfloat16, "native", "weights and activations in bfloat16"),
+        Precision("fp16", "fp16", torch.float16, torch.float16, "native", "weights and activations in float16"),
         Precision(
             "fp8_e4m3",
             "fp8",
-            torch.float8_e4m3fn,
+            E4M3,
             torch.bfloat16,
-            "linear weights stored as float8_e4m3fn with a per-tensor scale, dequantized to bfloat16 for each call",
-            scaled="per_tensor",
+            "fp8_storage",
+            "weights stored as float8_e4m3fn and cast to bfloat16 for each call, the subject's plain fp8 path "
+            "(ComfyUI: manual_cast, unscaled; diffusers: layerwise-casting hooks with a per-tensor scale)",
+        ),
+        Precision(
+            "fp8_scaled",
+            "fp8",
+            E4M3,
+            torch.bfloat16,
+            "fp8_scaled",
+            "linear weights as float8_e4m3fn with a per-tensor scale (amax / 448), the subject's scaled-fp8 ops",
+        ),
+        Precision(
+            "fp8_block",
+            "fp8",
+            E4M3,
+            torch.bfloat16,
+            "fp8_block",
+            "linear weights as float8_e4m3fn with one scale per 64 input channels of each row (scale shape out x in/64 x 1)",
+            block_size=64,
+        ),
+        Precision(
+            "fp8_mm",
+            "fp8",
+            E4M3,
+            torch.bfloat16,
+            "fp8_mm",
+            "fp8 weights and a real fp8 matmul (torch._scaled_mm) with activations cast to e4m3 at unit scale",
         ),
     )
 }
@@ -73,7 +102,7 @@ class QuantStats:
     scale: float
 
 
-def quantize_per_tensor(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor, QuantStats]:
+def quantize_per_tensor(weight: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor, QuantStats]:
     """Symmetric per-tensor quantization: ``scale = amax / fmax``, ``q = cast(w / scale)``.
 
     Returns the quantized tensor, the float32 scale (a 0-d tensor) and the stats. Dequantize with
@@ -98,3 +127,26 @@ def quantize_per_tensor(weight: torch.Tensor, dtype: torch.dtype = torch.float8_
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize with one rounding: the product is formed in float32 and rounded once to ``dtype``."""
     return (q.float() * scale.float()).to(dtype)
+
+
+def quantize_blockwise(weight: torch.Tensor, block_size: int, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor, QuantStats]:
+    """One scale per ``block_size`` consecutive input channels of each output row: ``scale`` is ``[out, in/block, 1]``.
+
+    The layout of block-wise scaled fp8 checkpoints (musubi-tuner; ComfyUI-musubi's ``block_scaled_fp8_ops``).
+    """
+    out_features, in_features = weight.shape
+    if in_features % block_size:
+        raise ValueError(f"in_features {in_features} is not a multiple of the block size {block_size}")
+    fmax = torch.finfo(dtype).max
+    w = weight.detach().float().reshape(out_features, in_features // block_size, block_size)
+    amax = w.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    q = (w / scale).clamp(-fmax, fmax).to(dtype)
+    qf = q.float()
+    stats = QuantStats(
+        numel=w.numel(),
+        saturated=int((qf.abs() == fmax).sum()),
+        flushed_to_zero=int(((qf == 0) & (w != 0)).sum()),
+        scale=float(scale.mean()),
+    )
+    return q.reshape(out_features, in_features), scale, stats

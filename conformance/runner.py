@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import compare
-from .backends import CallCounter
+from .backends import XCHECK, CallCounter
 from .case import Case
 from .expectations import ExpectedFailure, expected_failure_for
 from .families import get_family
@@ -74,10 +74,16 @@ class Engine:
         self._inputs = _LRU(8)
         self._goldens = _LRU(8)
         self._reference: dict[tuple, dict | None] = {}
+        self._partner: Subject | None = None
 
     # -- shared fixtures -----------------------------------------------------------------------------------------
-    def store_for(self, scale: str) -> GoldenStore:
-        return self.options.committed_store if scale == "tiny" else self.options.local_store
+    def store_for(self, key: GoldenKey) -> GoldenStore:
+        """Tiny goldens of an identity the repository holds (or is asked to hold, with --update-goldens) live in the
+        committed store; everything else is created on demand in the local store."""
+        committed = self.options.committed_store
+        if key.scale == "tiny" and (self.options.update_goldens or committed.has_identity(key.subject, key.identity)):
+            return committed
+        return self.options.local_store
 
     def weights(self, component: str, scale: str) -> dict[str, torch.Tensor]:
         key = (component, scale)
@@ -98,10 +104,10 @@ class Engine:
         return self._inputs[key]
 
     def golden(self, component: str, scale: str, profile: str) -> Golden:
-        key = GoldenKey(self.subject.name, component, scale, profile)
+        key = GoldenKey(self.subject.name, self.subject.info().identity, component, scale, profile)
         if key.id in self._goldens:
             return self._goldens[key.id]
-        store = self.store_for(scale)
+        store = self.store_for(key)
         weights = self.weights(component, scale)
         inputs = self.inputs(component, scale, profile)
         inputs_sha, weights_sha = tensor_digest(inputs.kwargs), tensor_digest(weights)
@@ -120,7 +126,7 @@ class Engine:
         run = self.forward(key.component, key.scale, None, self.subject.golden_backend, inputs, device=torch.device("cpu"), probes=False)
         info = self.subject.info()
         meta = {
-            "subject": {"name": info.name, "version": info.version, "commit": info.commit},
+            "subject": {k: v for k, v in info.as_dict().items() if k != "path"},
             "torch": torch.__version__,
             "seed": self.options.seed,
             "computed_in": "float64 on CPU",
@@ -144,20 +150,26 @@ class Engine:
         inputs: ComponentInputs,
         device: torch.device | None = None,
         probes: bool = True,
+        path: str | None = None,
+        subject: Subject | None = None,
     ) -> ForwardRun:
+        """Build the component in ``precision`` (None: float64 golden), run it once under ``backend``."""
+        subject = subject or self.subject
         device = device or self.options.device
-        built = self.subject.build(component, scale, precision, self.weights(component, scale), device)
+        built = subject.build(component, scale, precision, self.weights(component, scale), device)
         dtype = torch.float64 if precision is None else precision.activation_dtype
-        kwargs = clone_tensors(self.subject.cast_inputs(inputs, dtype, device))
+        kwargs = clone_tensors(subject.cast_inputs(inputs, dtype, device))
         counter = CallCounter()
         probe_set = Probes(built.module, built.boundary_names, built.input_probes, enabled=probes)
         try:
-            with torch.no_grad(), self.subject.use_backend(built.module, backend, counter), probe_set:
-                _sync(device)
-                start = time.perf_counter()
-                outputs = dict(built(kwargs))
-                _sync(device)
-                seconds = time.perf_counter() - start
+            with torch.no_grad(), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
+                kwargs = prepare(kwargs)
+                with probe_set:
+                    _sync(device)
+                    start = time.perf_counter()
+                    outputs = dict(built(kwargs))
+                    _sync(device)
+                    seconds = time.perf_counter() - start
             records = probe_set.records()
         finally:
             notes, guard_note = built.notes, built.guard_note
@@ -165,15 +177,40 @@ class Engine:
             gc.collect()
         return ForwardRun(outputs, records, counter, seconds, notes, guard_note)
 
+    def _other_paths_agree(self, case: Case, precision: Precision, inputs: ComponentInputs, outputs: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """In fp32, every other way the subject offers to force the backend must give the same bits."""
+        paths = self.subject.backend_paths(case.component, case.backend)
+        failures, notes = [], []
+        if precision.name != "fp32" or len(paths) < 2:
+            return failures, notes
+        for path in paths[1:]:
+            other = self.forward(case.component, case.scale, precision, case.backend, inputs, probes=False, path=path)
+            diffs = {name: float((other.outputs[name].double() - outputs[name].double()).abs().max()) for name in outputs}
+            equal = all(torch.equal(other.outputs[name], outputs[name]) for name in outputs)
+            calls = other.calls.as_dict()
+            if not equal:
+                failures.append(f"backend path {path} differs from {paths[0]} in fp32 (max |diff| {diffs})")
+            elif not all(calls.get(k, 0) for k in self.subject.expected_kernels(case.backend, precision)):
+                failures.append(f"backend path {path} never ran the backend (calls: {calls})")
+            else:
+                notes.append(f"{path} path: bitwise equal to {paths[0]} (calls {calls})")
+        return failures, notes
+
     # -- one case ------------------------------------------------------------------------------------------------
     def _compare(self, case: Case, golden: Golden, outputs: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        missing = sorted(set(outputs) - set(golden.outputs))
+        if missing:
+            raise KeyError(f"golden {golden.key.id} has no output {missing} (it has {sorted(golden.outputs)})")
+        return self._metrics_by_output(case, golden.outputs, outputs)
+
+    def _metrics_by_output(
+        self, case: Case, expected_outputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, dict[str, float]]:
         family = get_family(case.family)
         profile = load_profiles(case.family)[case.profile]
         per_output: dict[str, dict[str, float]] = {}
         for name, actual in outputs.items():
-            if name not in golden.outputs:
-                raise KeyError(f"golden {golden.key.id} has no output {name!r} (it has {sorted(golden.outputs)})")
-            expected = golden.outputs[name]
+            expected = expected_outputs[name].to("cpu")
             per_output[name] = compare.metrics(expected, actual)
             stream = family.OUTPUT_STREAMS.get(name)
             outlier_channels = sorted({c for o in profile.outliers if o.stream == stream for c in o.channels})
@@ -196,7 +233,46 @@ class Engine:
                 self._reference[key] = {"backend": ref, "metrics": compare.worst(self._compare(case, golden, run.outputs))}
         return self._reference[key]
 
+    def partner(self) -> Subject:
+        if self._partner is None:
+            from .subjects import load_subject
+
+            self._partner = load_subject(self.subject.xcheck_partner, device=self.options.device)
+        return self._partner
+
+    def run_xcheck(self, case: Case) -> CaseResult:
+        """The same weights and the same inputs through this subject's block and the partner's, both in fp32."""
+        start = time.perf_counter()
+        partner = self.partner()
+        family = get_family(case.family)
+        convert = family.XCHECK[(self.subject.name, partner.name)]
+        precision = get_precision("fp32")
+        inputs = self.inputs(case.component, case.scale, case.profile)
+        ours = self.forward(case.component, case.scale, precision, self.subject.reference_backend, inputs, probes=False)
+        partner_inputs = ComponentInputs(kwargs=convert(inputs.kwargs), sizes=dict(inputs.sizes))
+        theirs = self.forward(case.component, case.scale, precision, partner.reference_backend, partner_inputs, probes=False, subject=partner)
+        per_output = self._metrics_by_output(case, theirs.outputs, ours.outputs)
+        case_metrics = compare.worst(per_output)
+        verdict = compare.judge_xcheck(per_output, compare.xcheck_budget(), ours.calls.as_dict(), theirs.calls.as_dict())
+        partner_info = partner.info()
+        return CaseResult(
+            case,
+            verdict.outcome,
+            reason=verdict.reason,
+            metrics=case_metrics,
+            metrics_by_output=per_output,
+            reference={"subject": partner_info.as_dict(), "backend": partner.reference_backend},
+            backend_calls={**ours.calls.as_dict(), **{f"{partner.name}/{k}": v for k, v in theirs.calls.as_dict().items()}},
+            seconds=time.perf_counter() - start,
+            forward_seconds=ours.seconds,
+            failures=verdict.failures,
+            notes=[f"{self.subject.name} ({self.subject.reference_backend}) against {partner.name} {partner_info.version} ({partner.reference_backend}), same weights and inputs, fp32"],
+            sizes=dict(inputs.sizes),
+        )
+
     def run(self, case: Case) -> CaseResult:
+        if case.backend == XCHECK:
+            return self.run_xcheck(case)
         start = time.perf_counter()
         if case.guard != "none":
             raise ValueError(f"guard {case.guard!r}: no guard policies exist yet")
@@ -208,7 +284,9 @@ class Engine:
         except GoldenError as error:
             return CaseResult(case, "failed", reason=str(error), failures=[str(error)], seconds=time.perf_counter() - start)
         inputs = self.inputs(case.component, case.scale, case.profile)
-        run = self.forward(case.component, case.scale, precision, case.backend, inputs)
+        paths = self.subject.backend_paths(case.component, case.backend)
+        run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0])
+        path_failures, path_notes = self._other_paths_agree(case, precision, inputs, run.outputs)
         per_output = self._compare(case, golden, run.outputs)
         case_metrics = compare.worst(per_output)
         if case.backend == self.subject.reference_backend:
@@ -236,13 +314,14 @@ class Engine:
             else {"boundary": saturated.boundary, "module": saturated.module, "tensor": saturated.tensor, "count": saturated.saturated, "dtype": saturated.dtype},
             saturated_total=stats["saturated"],
             backend_calls=run.calls.as_dict(),
-            expected_kernels=self.subject.expected_kernels(case.backend),
+            expected_kernels=self.subject.expected_kernels(case.backend, precision),
             fallbacks=tuple(run.calls.fallbacks),
             expectation=self.options.ratchet.get(case.id),
             masked_by_guard=bool(nonfinite and not output_nonfinite and run.guard_note),
+            consistency_failures=tuple(path_failures),
         )
         verdict = compare.judge(evidence, budget, declared.reason if declared else None)
-        notes = list(run.notes) + verdict.notes
+        notes = list(run.notes) + path_notes + verdict.notes
         if run.guard_note:
             notes.append(f"subject guard: {run.guard_note}")
         if nonfinite:

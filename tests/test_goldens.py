@@ -13,7 +13,7 @@ from conformance.goldens import GoldenKey, GoldenMissing, GoldenStale, GoldenSto
 
 from .helpers import engine
 
-KEY = GoldenKey("diffusers", "qwen.block", "tiny", "nominal")
+KEY = GoldenKey("diffusers", "0.42.1", "qwen.block", "tiny", "nominal")
 META = {"subject": {"name": "diffusers", "version": "x"}, "torch": "t", "inputs_sha256": "i" * 64, "weights_sha256": "w" * 64}
 
 
@@ -97,7 +97,7 @@ def test_committed_goldens_match_their_manifest(tmp_path):
 def test_real_scale_goldens_are_created_on_demand_in_the_local_store(tmp_path, monkeypatch):
     eng = engine(tmp_path)
     # Exercise the on-demand path at tiny cost: point the tiny scale at the local store.
-    monkeypatch.setattr(eng, "store_for", lambda scale: eng.options.local_store)
+    monkeypatch.setattr(eng, "store_for", lambda key: eng.options.local_store)
     golden = eng.golden("qwen.block", "tiny", "nominal")
     assert golden.path.is_relative_to(tmp_path / "local")
     assert [c.action for c in eng.golden_changes] == ["created"]
@@ -120,3 +120,21 @@ def test_written_files_follow_the_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / KEY.relpath).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_identities_without_committed_goldens_go_to_the_local_store(tmp_path):
+    """A checkout the repository holds no goldens for (a user's own) gets them on demand, locally, announced."""
+    eng = engine(tmp_path, committed=tmp_path / "empty")
+    golden = eng.golden("qwen.block", "tiny", "nominal")
+    assert golden.path.is_relative_to(tmp_path / "local")
+    assert [c.action for c in eng.golden_changes] == ["created"]
+
+
+def test_missing_golden_of_a_committed_identity_fails(tmp_path):
+    committed = tmp_path / "golden"
+    store = GoldenStore(committed, "committed")
+    eng = engine(tmp_path, committed=committed)
+    identity = eng.subject.info().identity
+    store.write(GoldenKey("diffusers", identity, "qwen.block", "tiny", "massive"), {"img": torch.zeros(1)}, {}, META)
+    with pytest.raises(GoldenMissing, match="create it with"):
+        eng.golden("qwen.block", "tiny", "nominal")

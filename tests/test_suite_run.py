@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,12 +20,14 @@ SCHEMA = json.loads((REPO_ROOT / "conformance" / "schema" / "results.schema.json
 
 def run_suite(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     report_dir = tmp_path / "report"
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}  # these runs test the diffusers subject
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "suites", "-q", "-p", "no:randomly", "--report-dir", str(report_dir), "--golden-store", str(tmp_path / "local"), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     return proc, report_dir
 
@@ -71,17 +74,29 @@ def test_summary_and_junit_are_written(fp16_run):
     assert "conformance" in proc.stdout and "first non-finite" in proc.stdout  # the table printed at the end
 
 
+def _golden_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "golden"
+    shutil.copytree(GOLDEN_DIR, copy)
+    return copy
+
+
+def _nominal(copy: Path) -> Path:
+    (path,) = copy.glob("diffusers/*/qwen.block/tiny/nominal.safetensors")
+    return path
+
+
 def test_missing_golden_fails_with_the_command_that_creates_it(tmp_path):
-    proc, report_dir = run_suite(tmp_path, "-m", "qwen_fp32 and sdpa", "--profile", "nominal", "--golden-dir", str(tmp_path / "empty"))
+    copy = _golden_copy(tmp_path)
+    _nominal(copy).unlink()
+    proc, report_dir = run_suite(tmp_path, "-m", "qwen_fp32 and sdpa", "--profile", "nominal", "--golden-dir", str(copy))
     assert proc.returncode == 1
     case = json.loads((report_dir / "results.json").read_text())["cases"][0]
     assert case["outcome"] == "failed" and "create it with: pytest suites" in case["reason"] and "--update-goldens" in case["reason"]
 
 
 def test_tampered_golden_fails_the_case(tmp_path):
-    copy = tmp_path / "golden"
-    shutil.copytree(GOLDEN_DIR, copy)
-    path = copy / "diffusers" / "qwen.block" / "tiny" / "nominal.safetensors"
+    copy = _golden_copy(tmp_path)
+    path = _nominal(copy)
     data = bytearray(path.read_bytes())
     data[-4] ^= 0x10
     path.write_bytes(bytes(data))

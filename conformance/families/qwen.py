@@ -89,20 +89,50 @@ INPUT_PROBES = (
 
 @dataclass
 class RawInputs:
-    """What the model receives before its embedders: packed latent, text-encoder states, timestep (sigma)."""
+    """What the model receives before its embedders: the VAE latent, text-encoder states, timestep (sigma)."""
 
-    latent: torch.Tensor  # [1, h*w, in_channels]
+    latent: torch.Tensor  # [1, 16, 1, 2h, 2w]: what ComfyUI's model takes; diffusers takes it packed
     context: torch.Tensor  # [1, text_tokens, joint_attention_dim]
     timestep: torch.Tensor  # [1]
-    image_grid: tuple[int, int]
+    image_grid: tuple[int, int]  # (h, w) in packed tokens
+
+    def packed_latent(self) -> torch.Tensor:
+        """2x2 patchify to [1, h*w, 64], channel order (c, dy, dx): diffusers' ``_pack_latents``, ComfyUI's ``process_img``."""
+        b, c, _, hh, ww = self.latent.shape
+        x = self.latent[:, :, 0].reshape(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (hh // 2) * (ww // 2), c * 4)
 
 
 def raw_inputs(scale: str, profile: Profile, seed: int) -> RawInputs:
     """Profile -> model inputs. Keyed by scale and shape, not by profile name: stress profiles share nominal's base."""
     dims, sizes = DIMS[scale], profile.sizes_for(scale)
     h, w = sizes.image_grid
-    latent = normal((1, h * w, dims.in_channels), seed, FAMILY, "input", scale, "latent", std=profile.latent_std)
+    latent_channels = dims.in_channels // (dims.patch_size * dims.patch_size)
+    latent = normal((1, latent_channels, 1, 2 * h, 2 * w), seed, FAMILY, "input", scale, "latent", std=profile.latent_std)
     context = normal(
         (1, sizes.text_tokens, dims.joint_attention_dim), seed, FAMILY, "input", scale, "context", std=profile.context_std
     )
     return RawInputs(latent, context, torch.tensor([profile.timestep], dtype=torch.float32), (h, w))
+
+
+def comfyui_inputs_to_diffusers(kwargs: dict) -> dict:
+    """ComfyUI's captured block inputs in diffusers' form, for the cross-implementation check.
+
+    The streams and temb are the same tensors. ComfyUI's RoPE is ``[B, L_txt + L_img, 1, 64, 2, 2]`` rotation matrices
+    ``[[cos, -sin], [sin, cos]]`` over the joint [text, image] sequence; diffusers takes ``(img_freqs, txt_freqs)``,
+    complex ``cos + i sin`` of shape ``[L, 64]`` each.
+    """
+    pe = kwargs["image_rotary_emb"]
+    txt_len = kwargs["encoder_hidden_states"].shape[1]
+    freqs = torch.complex(pe[0, :, 0, :, 0, 0].float(), pe[0, :, 0, :, 1, 0].float())
+    return {
+        "hidden_states": kwargs["hidden_states"],
+        "encoder_hidden_states": kwargs["encoder_hidden_states"],
+        "encoder_hidden_states_mask": None,
+        "temb": kwargs["temb"],
+        "image_rotary_emb": (freqs[txt_len:], freqs[:txt_len]),
+    }
+
+
+# (subject, partner) -> input conversion. Weight layouts of the two subjects are identical for Qwen-Image.
+XCHECK = {("comfyui", "diffusers"): comfyui_inputs_to_diffusers}

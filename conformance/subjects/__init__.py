@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from .base import Subject, SubjectError
 
+SUBJECTS = ("diffusers", "comfyui")
 
-def load_subject(name: str) -> Subject:
+
+def load_subject(name: str, *, comfyui_path: str | Path | None = None, device: torch.device | None = None) -> Subject:
     if name == "diffusers":
         from .diffusers import DiffusersSubject
 
         return DiffusersSubject()
-    raise SubjectError(f"unknown subject {name!r}; available: diffusers")
+    if name == "comfyui":
+        if not comfyui_path:
+            raise SubjectError("the comfyui subject needs a checkout: --comfyui PATH or COMFYUI_PATH")
+        from .comfyui import ComfyUISubject
+
+        return ComfyUISubject(comfyui_path, device or torch.device("cpu"))
+    raise SubjectError(f"unknown subject {name!r}; available: {', '.join(SUBJECTS)}")

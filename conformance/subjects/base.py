@@ -31,9 +31,28 @@ class SubjectInfo:
     version: str
     commit: str | None = None
     path: str | None = None
+    dirty: bool | None = None  # the checkout's Python sources differ from its commit
+    source_hash: str | None = None  # of those differences, when dirty
+
+    @property
+    def identity(self) -> str:
+        """What goldens are keyed by: the version, the commit when known, the local changes when any."""
+        ident = self.version
+        if self.commit:
+            ident += f"+g{self.commit[:10]}"
+        if self.dirty:
+            ident += f"-dirty{(self.source_hash or '')[:8]}"
+        return ident
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "commit": self.commit, "path": self.path}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "commit": self.commit,
+            "path": self.path,
+            "dirty": self.dirty,
+            "identity": self.identity,
+        }
 
 
 @dataclass
@@ -98,6 +117,7 @@ class Subject(ABC):
     name: str
     reference_backend: str = "sdpa"  # a backend is judged against this one in the same precision
     golden_backend: str = "math"  # the backend goldens are computed with, in float64 on CPU
+    xcheck_partner: str | None = None  # another subject whose components this one is cross-checked against
 
     @abstractmethod
     def info(self) -> SubjectInfo: ...
@@ -108,9 +128,17 @@ class Subject(ABC):
     @abstractmethod
     def backend_support(self, backend: str, device: torch.device) -> BackendSupport: ...
 
+    def precision_support(self, precision: Precision, device: torch.device) -> tuple[str, ...]:
+        """Reasons this subject cannot run ``precision`` on ``device``; empty when it can."""
+        return ()
+
     @abstractmethod
-    def expected_kernels(self, backend: str) -> tuple[str, ...]:
-        """Labels in the call counter that prove ``backend`` ran."""
+    def expected_kernels(self, backend: str, precision: Precision | None = None) -> tuple[str, ...]:
+        """Labels in the call counter that must all be non-zero for ``backend`` (in ``precision``) to have run."""
+
+    def backend_paths(self, component: str, backend: str) -> tuple[str, ...]:
+        """Ways this subject can force a backend; the first is used, the others must agree bit for bit in fp32."""
+        return ("default",)
 
     @abstractmethod
     def weight_shapes(self, component: str, scale: str) -> dict[str, tuple[int, ...]]:
@@ -128,12 +156,19 @@ class Subject(ABC):
     ) -> ComponentInputs: ...
 
     @abstractmethod
-    def use_backend(self, module: nn.Module, backend: str, counter: CallCounter) -> contextlib.AbstractContextManager: ...
+    def use_backend(
+        self, module: nn.Module, backend: str, counter: CallCounter, path: str | None = None, component: str | None = None
+    ) -> contextlib.AbstractContextManager[Callable[[dict], dict]]:
+        """Force ``backend`` while the context is open; yields a function that prepares the component's kwargs."""
 
     def cast_inputs(self, inputs: ComponentInputs, dtype: torch.dtype, device: torch.device) -> dict[str, object]:
         return cast_tensors(inputs.kwargs, dtype, device)
 
     def packages(self) -> dict[str, str]:
+        return {}
+
+    def settings(self) -> dict:
+        """Global settings of the subject that affect numerics (recorded in the report)."""
         return {}
 
 

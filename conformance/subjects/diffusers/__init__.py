@@ -86,11 +86,18 @@ class DiffusersSubject(Subject):
             reasons.append("needs a CUDA device")
         return BackendSupport(backend, tuple(reasons))
 
-    def expected_kernels(self, backend: str) -> tuple[str, ...]:
+    def precision_support(self, precision: Precision, device: torch.device) -> tuple[str, ...]:
+        if precision.kind in ("native", "fp8_storage"):
+            return ()
+        return (f"not offered by diffusers {self._diffusers.__version__} (a ComfyUI fp8 path)",)
+
+    def expected_kernels(self, backend: str, precision: Precision | None = None) -> tuple[str, ...]:
         return (f"diffusers:{BACKEND_NAMES[backend]}",)
 
     @contextlib.contextmanager
-    def use_backend(self, module: nn.Module, backend: str, counter: CallCounter) -> Iterator[None]:
+    def use_backend(
+        self, module: nn.Module, backend: str, counter: CallCounter, path: str | None = None, component: str | None = None
+    ) -> Iterator:
         """Pin every attention processor of ``module`` to the backend and count calls into its registry entry.
 
         The processors' ``_attention_backend`` attribute is what ``dispatch_attention_fn`` reads; the registry entry is
@@ -108,7 +115,7 @@ class DiffusersSubject(Subject):
         for processor in processors:
             processor._attention_backend = name
         try:
-            yield
+            yield lambda kwargs: kwargs
         finally:
             registry._backends[name] = original_fn
             registry._checks_enabled = original_checks

@@ -64,8 +64,8 @@ def apply_precision(module: nn.Module, precision: Precision | None, device: torc
     module.to(device=device, dtype=precision.compute_dtype)
     if not precision.is_fp8:
         return []
-    if precision.scaled != "per_tensor":
-        raise ValueError(f"diffusers subject supports per-tensor scaled fp8 only, not {precision.scaled!r}")
+    if precision.kind != "fp8_storage":
+        raise ValueError(f"diffusers offers no {precision.kind} path")
     HookRegistry, _, leaf_layers, skip_patterns = _hooks()
     hook_class = _make_hook_class()
     saturated = flushed = quantized = 0

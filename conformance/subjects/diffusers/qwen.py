@@ -106,7 +106,7 @@ class QwenBlock:
         call = accepted_kwargs(
             model.forward,
             dict(
-                hidden_states=raw.latent,
+                hidden_states=raw.packed_latent(),
                 encoder_hidden_states=raw.context,
                 encoder_hidden_states_mask=None,
                 timestep=raw.timestep,

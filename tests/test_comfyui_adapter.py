@@ -1,0 +1,103 @@
+"""ComfyUI adapter logic that needs no ComfyUI checkout (runs in CI)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from conformance.families.qwen import comfyui_inputs_to_diffusers
+from conformance.precision import dequantize, quantize_blockwise
+from conformance.subjects import SubjectError, load_subject
+from conformance.subjects.base import SubjectInfo
+from conformance.subjects.comfyui.attention import FALLBACK_PATTERNS
+from conformance.subjects.comfyui.loader import git_state, load, read_version
+
+
+def test_a_directory_that_is_not_a_checkout_is_refused(tmp_path):
+    with pytest.raises(SubjectError, match="is not a ComfyUI checkout"):
+        load(tmp_path, torch.device("cpu"))
+    with pytest.raises(SubjectError, match="not a directory"):
+        load(tmp_path / "nowhere", torch.device("cpu"))
+
+
+def test_comfyui_subject_needs_a_path():
+    with pytest.raises(SubjectError, match="--comfyui PATH or COMFYUI_PATH"):
+        load_subject("comfyui")
+
+
+def test_version_comes_from_comfyui_version_py(tmp_path):
+    (tmp_path / "comfyui_version.py").write_text('# generated\n__version__ = "0.3.64"\n')
+    assert read_version(tmp_path) == "0.3.64"
+    assert read_version(tmp_path / "missing") == "unknown"
+
+
+def test_git_state_counts_only_python_changes(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert git_state(tmp_path) == (None, None, None)
+    git("init", "-q")
+    (tmp_path / "model.py").write_text("x = 1\n")
+    (tmp_path / "tokenizer.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    commit, dirty, source_hash = git_state(tmp_path)
+    assert len(commit) == 40 and dirty is False and source_hash is None
+    (tmp_path / "tokenizer.json").unlink()  # a missing data file does not change what the blocks compute
+    assert git_state(tmp_path)[1] is False
+    (tmp_path / "model.py").write_text("x = 2\n")
+    _, dirty, source_hash = git_state(tmp_path)
+    assert dirty is True and len(source_hash) == 64
+
+
+def test_identity_names_version_commit_and_local_changes():
+    assert SubjectInfo("diffusers", "0.42.1").identity == "0.42.1"
+    assert SubjectInfo("comfyui", "0.3.64", commit="637221995f7424a5").identity == "0.3.64+g637221995f"
+    dirty = SubjectInfo("comfyui", "0.3.64", commit="637221995f7424a5", dirty=True, source_hash="abcdef0123")
+    assert dirty.identity == "0.3.64+g637221995f-dirtyabcdef01"
+
+
+def test_rope_conversion_from_comfyui_matrices_to_diffusers_complex():
+    theta = torch.linspace(0, 3, 20 * 64).reshape(20, 64)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    matrices = torch.stack([cos, -sin, sin, cos], dim=-1).reshape(1, 20, 1, 64, 2, 2)  # comfy.ldm.flux.math.rope layout
+    kwargs = {
+        "hidden_states": torch.zeros(1, 16, 8),
+        "encoder_hidden_states": torch.zeros(1, 4, 8),
+        "temb": torch.zeros(1, 8),
+        "image_rotary_emb": matrices,
+        "encoder_hidden_states_mask": None,
+    }
+    img, txt = comfyui_inputs_to_diffusers(kwargs)["image_rotary_emb"]
+    assert txt.shape == (4, 64) and img.shape == (16, 64)
+    assert torch.allclose(torch.cat([txt, img]), torch.polar(torch.ones_like(theta), theta))
+    # the rotation each applies to a pair (x0, x1) is the same
+    x = torch.randn(20, 64, 2)
+    comfy = (matrices[0, :, 0] @ x.unsqueeze(-1)).squeeze(-1)
+    diff = torch.view_as_real(torch.view_as_complex(x) * torch.cat([txt, img]))
+    assert torch.allclose(comfy, diff, atol=1e-6)
+
+
+def test_blockwise_quantizer_layout_and_error():
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 1, 256)  # column scales
+    q, scale, stats = quantize_blockwise(w, 64)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (32, 4, 1)
+    back = (q.float().reshape(32, 4, 64) * scale).reshape(32, 256)
+    per_tensor_err = (dequantize(*__import__("conformance.precision", fromlist=["x"]).quantize_per_tensor(w)[:2], torch.float32) - w).norm()
+    assert (back - w).norm() < per_tensor_err  # block scales follow the column scales
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        quantize_blockwise(torch.ones(4, 100), 64)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Error running sage attention: Input tensors must be in dtype of torch.float16 or torch.bfloat16, using pytorch attention instead.",
+        "Flash Attention failed, using default SDPA: Mask must not be set for Flash attention",
+        "Exception during fp8 op: _scaled_mm not supported",
+    ],
+)
+def test_fallback_patterns_match_comfyuis_log_lines(message):
+    assert any(p.search(message) for p in FALLBACK_PATTERNS)

@@ -1,0 +1,134 @@
+"""ComfyUI's own classes through the adapter. Needs a checkout: COMFYUI_PATH=/path/to/ComfyUI (CI has none)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from conformance.backends import CallCounter
+from conformance.case import Case
+from conformance.goldens import GoldenStore
+from conformance.precision import get_precision
+from conformance.runner import Engine, EngineOptions
+
+CHECKOUT = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not CHECKOUT, reason="no ComfyUI checkout: set COMFYUI_PATH to run the ComfyUI adapter tests")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def eng(tmp_path_factory):
+    from conformance.subjects import load_subject
+
+    tmp = tmp_path_factory.mktemp("stores")
+    subject = load_subject("comfyui", comfyui_path=CHECKOUT, device=CPU)
+    return Engine(subject, EngineOptions(device=CPU, committed_store=GoldenStore(tmp / "c", "c"), local_store=GoldenStore(tmp / "l", "l")))
+
+
+def _run(eng, precision="fp32", backend="sdpa", path="rebind", profile="nominal"):
+    return eng.forward("qwen.block", "tiny", get_precision(precision), backend, eng.inputs("qwen.block", "tiny", profile), probes=False, path=path)
+
+
+def test_replayed_inputs_give_the_block_output_of_the_full_model(eng):
+    """Capture is faithful: the standalone block on captured inputs equals block 0 inside ComfyUI's own model."""
+    import comfy.ldm.qwen_image.model as qmodel
+
+    from conformance.families import qwen
+    from conformance.subjects.capture import accepted_kwargs
+
+    weights = eng.weights("qwen.block", "tiny")
+    dims = qwen.DIMS["tiny"]
+    ops = eng.subject.comfy.ops.disable_weight_init
+    model = qmodel.QwenImageTransformer2DModel(
+        **accepted_kwargs(
+            qmodel.QwenImageTransformer2DModel.__init__,
+            dict(num_layers=1, num_attention_heads=dims.heads, attention_head_dim=dims.head_dim, joint_attention_dim=dims.joint_attention_dim, final_layer=False, dtype=torch.float32, device="cpu", operations=ops),
+        )
+    )
+    state = {k: v for k, v in weights.items() if k in model.state_dict()}
+    state.update({f"transformer_blocks.0.{k}": v for k, v in weights.items() if f"transformer_blocks.0.{k}" in model.state_dict()})
+    model.load_state_dict(state, strict=False)
+    seen = {}
+    model.transformer_blocks[0].register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
+    raw = qwen.raw_inputs("tiny", __import__("conformance.profiles", fromlist=["x"]).load_profiles("qwen")["nominal"], 0)
+    with torch.no_grad():
+        try:
+            model(raw.latent, raw.timestep, raw.context)
+        except AttributeError:
+            pass  # versions with final_layer=False stop after the blocks; the hook has run
+    default = eng.subject.comfy.attention.optimized_attention.__name__  # what the model used: attention_sub_quad on CPU
+    backend = {"attention_pytorch": "sdpa"}.get(default, default.removeprefix("attention_"))
+    standalone = _run(eng, backend=backend)
+    assert torch.equal(seen["out"][0], standalone.outputs["txt"]) and torch.equal(seen["out"][1], standalone.outputs["img"])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "split", "sub_quad", "basic"])
+def test_every_cpu_backend_is_forced_and_counted(eng, backend):
+    run = _run(eng, backend=backend)
+    assert run.calls.as_dict() == {f"comfy:attention_{'pytorch' if backend == 'sdpa' else backend}": 1}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "split", "sub_quad", "basic"])
+def test_override_path_is_bitwise_equal_to_rebinding(eng, backend):
+    if "override" not in eng.subject.backend_paths("qwen.block", backend):
+        pytest.skip(f"ComfyUI {eng.subject.comfy.version} has no optimized_attention_override (added in 0.3.60)")
+    rebind, override = _run(eng, backend=backend), _run(eng, backend=backend, path="override")
+    assert override.calls.as_dict() == rebind.calls.as_dict()
+    for name in rebind.outputs:
+        assert torch.equal(rebind.outputs[name], override.outputs[name])
+
+
+def test_a_kernel_that_raises_is_a_caught_fallback(eng, monkeypatch):
+    """ComfyUI logs and silently uses SDPA when sageattn raises (as it does on fp32); the case must fail on that."""
+    attention = eng.subject.comfy.attention
+
+    def rejecting_sageattn(q, k, v, **kwargs):
+        raise ValueError("Input tensors must be in dtype of torch.float16 or torch.bfloat16")
+
+    monkeypatch.setattr(attention, "sageattn", rejecting_sageattn, raising=False)
+    subject = eng.subject
+    built = subject.build("qwen.block", "tiny", get_precision("fp32"), eng.weights("qwen.block", "tiny"), CPU)
+    kwargs = subject.cast_inputs(eng.inputs("qwen.block", "tiny", "nominal"), torch.float32, CPU)
+    counter = CallCounter()
+    from conformance.subjects.comfyui.attention import use_backend
+
+    with torch.no_grad(), use_backend(subject.comfy, (("comfy.ldm.qwen_image.model", "optimized_attention_masked"),), "sage", counter, "rebind") as prepare:
+        built(prepare(kwargs))
+    assert counter.fallbacks and "Error running sage attention" in counter.fallbacks[0]
+    assert "sageattention.sageattn" not in counter.as_dict()  # it raised: not counted as run
+
+
+def test_sage_and_flash_skip_without_their_packages(eng):
+    for backend, package in (("sage", "sageattention"), ("flash", "flash-attn")):
+        reasons = eng.subject.backend_support(backend, CPU).reasons
+        assert any(f"package {package} is not installed" in r for r in reasons) or any("CUDA" in r for r in reasons)
+    assert "math" not in [b for b in ("math",) if eng.subject.backend_support(b, CPU).available]
+
+
+@pytest.mark.parametrize("precision", ["fp8_e4m3", "fp8_scaled", "fp8_block"])
+def test_fp8_variants_use_comfyuis_ops(eng, precision):
+    built = eng.subject.build("qwen.block", "tiny", get_precision(precision), eng.weights("qwen.block", "tiny"), CPU)
+    linear = built.module.attn.to_q
+    assert linear.weight.dtype == torch.float8_e4m3fn
+    assert type(linear).__module__.startswith(("comfy.ops", "conformance.subjects.comfyui.ops"))
+    if precision == "fp8_scaled":
+        assert linear.scale_weight.shape == () and float(linear.scale_weight) > 0
+    if precision == "fp8_block":
+        assert linear.scale_weight.shape == (256, 4, 1)
+    if precision == "fp8_e4m3":
+        assert built.module.attn.norm_q.weight.dtype == torch.float8_e4m3fn  # as ComfyUI loads an fp8 model
+
+
+def test_xcheck_against_diffusers(eng):
+    result = eng.run(Case("comfyui", "qwen", "qwen.block", "tiny", "fp32", "xcheck", "nominal"))
+    assert result.outcome == "passed", result.reason
+    assert result.metrics["rel_l2"] < 1e-6
+
+
+def test_no_stray_log_level_change(eng):
+    level = logging.getLogger().level
+    _run(eng)
+    assert logging.getLogger().level == level
