@@ -70,8 +70,9 @@ def _base_version(version: str) -> str:
 def package_reasons(module: str, distribution: str | None = None) -> list[str]:
     """Why an optional kernel package cannot be used here, without importing it.
 
-    Catches the two cases seen on GPU runners: the package is missing, or its wheel pins a different torch than the
-    one installed (the registry's xformers wheels pin an exact torch; loading one against another torch fails).
+    Catches the cases seen on GPU runners: the package is missing; its build metadata names another torch (the
+    registry's xformers 0.0.35 wheel says torch 2.10.0 in xformers/cpp_lib.json, and its C++ library does not load
+    under torch 2.11); its wheel pins another torch exactly.
     """
     import importlib.metadata
     import importlib.util
@@ -80,8 +81,12 @@ def package_reasons(module: str, distribution: str | None = None) -> list[str]:
     import torch
 
     distribution = distribution or module
-    if importlib.util.find_spec(module) is None:
+    spec = importlib.util.find_spec(module)
+    if spec is None:
         return [f"package {distribution} is not installed"]
+    built_for = _built_for_torch(spec)
+    if built_for and _base_version(built_for) != _base_version(torch.__version__):
+        return [f"{distribution} was built for torch {built_for} and does not load with torch {torch.__version__}"]
     try:
         version = importlib.metadata.version(distribution)
         requires = importlib.metadata.requires(distribution) or []
@@ -95,3 +100,18 @@ def package_reasons(module: str, distribution: str | None = None) -> list[str]:
                 f"torch {torch.__version__}"
             ]
     return []
+
+
+def _built_for_torch(spec) -> str | None:
+    """The torch a compiled kernel package was built against, from its own build metadata (xformers: cpp_lib.json)."""
+    import json
+    from pathlib import Path
+
+    for location in spec.submodule_search_locations or []:
+        info = Path(location) / "cpp_lib.json"
+        if info.exists():
+            try:
+                return json.loads(info.read_text())["version"]["torch"]
+            except (ValueError, KeyError):
+                return None
+    return None

@@ -101,3 +101,22 @@ def test_blockwise_quantizer_layout_and_error():
 )
 def test_fallback_patterns_match_comfyuis_log_lines(message):
     assert any(p.search(message) for p in FALLBACK_PATTERNS)
+
+
+def test_a_kernel_package_built_for_another_torch_is_a_skip_reason(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from conformance.backends import package_reasons
+
+    package = tmp_path / "fakekernels"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "cpp_lib.json").write_text(json.dumps({"version": {"torch": "2.10.0+cu128", "cuda": 1208}}))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reasons = package_reasons("fakekernels")
+    if torch.__version__.startswith("2.10.0"):
+        assert reasons == []
+    else:
+        assert reasons == [f"fakekernels was built for torch 2.10.0+cu128 and does not load with torch {torch.__version__}"]
+    assert "fakekernels" not in sys.modules  # decided without importing it

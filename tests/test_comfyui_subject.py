@@ -132,3 +132,39 @@ def test_no_stray_log_level_change(eng):
     level = logging.getLogger().level
     _run(eng)
     assert logging.getLogger().level == level
+
+
+def _has_sage() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sageattention") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_sage(), reason="needs the sageattention package and a CUDA device")
+@pytest.mark.parametrize(
+    "device, dtype, rejection",
+    [("cpu", torch.float32, "must be on cuda"), ("cuda", torch.float64, "must be in dtype")],
+    ids=["cpu-tensors", "cuda-fp64"],
+)
+def test_real_sage_rejecting_an_input_is_a_caught_fallback(eng, device, dtype, rejection):
+    """The real sageattn refuses the input, ComfyUI logs and uses SDPA; the suite sees the log and the missing call."""
+    from conformance import compare
+    from conformance.subjects.comfyui.attention import expected_kernels, use_backend
+
+    subject = eng.subject
+    precision = get_precision("fp32")
+    built = subject.build("qwen.block", "tiny", precision, eng.weights("qwen.block", "tiny"), torch.device(device))
+    built.module.to(dtype)
+    kwargs = subject.cast_inputs(eng.inputs("qwen.block", "tiny", "nominal"), dtype, torch.device(device))
+    counter = CallCounter()
+    with torch.no_grad(), use_backend(subject.comfy, (("comfy.ldm.qwen_image.model", "optimized_attention_masked"),), "sage", counter, "rebind") as prepare:
+        outputs = built(prepare(kwargs))
+    assert all(torch.isfinite(t).all() for t in outputs.values())  # the fallback produced a plausible output
+    assert counter.fallbacks and rejection in counter.fallbacks[0]
+    verdict = compare.judge(
+        compare.Evidence(precision="fp32", backend="sage", reference_backend="sdpa", metrics={k: 0.0 for k in compare.METRIC_NAMES} | {"cosine": 1.0},
+                         backend_calls=counter.as_dict(), expected_kernels=expected_kernels("sage"), fallbacks=tuple(counter.fallbacks)),
+        compare.budget_for("fp32"),
+    )
+    assert verdict.outcome == "failed" and "silent fallback: ComfyUI logged: Error running sage attention" in verdict.reason
+    assert "sageattention.sageattn" in verdict.reason  # and the kernel never ran
