@@ -29,7 +29,7 @@ def _install(session: nox.Session, constraints: bool) -> None:
         session.install(TORCH)
     else:
         session.run("python", "-c", "import torch; print('using torch', torch.__version__)")
-    args = ["-e", ".[test]"]
+    args = ["-e", ".[test,comfyui]"]
     if constraints:
         args += ["-c", CI_CONSTRAINTS]
     session.install(*args)

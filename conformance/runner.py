@@ -255,18 +255,26 @@ class Engine:
         case_metrics = compare.worst(per_output)
         verdict = compare.judge_xcheck(per_output, compare.xcheck_budget(), ours.calls.as_dict(), theirs.calls.as_dict())
         partner_info = partner.info()
+        # Not judged, reported: how our inputs differ from the ones the partner builds itself from the same profile.
+        own = partner.inputs(case.component, case.scale, load_profiles(case.family)[case.profile], self.weights(case.component, case.scale), self.options.seed)
+        input_diffs = _input_differences(partner_inputs.kwargs, own.kwargs)
         return CaseResult(
             case,
             verdict.outcome,
             reason=verdict.reason,
             metrics=case_metrics,
             metrics_by_output=per_output,
-            reference={"subject": partner_info.as_dict(), "backend": partner.reference_backend},
+            reference={"subject": partner_info.as_dict(), "backend": partner.reference_backend, "inputs_vs_own": input_diffs},
             backend_calls={**ours.calls.as_dict(), **{f"{partner.name}/{k}": v for k, v in theirs.calls.as_dict().items()}},
             seconds=time.perf_counter() - start,
             forward_seconds=ours.seconds,
             failures=verdict.failures,
-            notes=[f"{self.subject.name} ({self.subject.reference_backend}) against {partner.name} {partner_info.version} ({partner.reference_backend}), same weights and inputs, fp32"],
+            notes=[
+                f"{self.subject.name} ({self.subject.reference_backend}) against {partner.name} {partner_info.version} "
+                f"({partner.reference_backend}), same weights and inputs, fp32",
+                f"inputs against those {partner.name} builds itself (rel-L2, not judged): "
+                + ", ".join(f"{k} {v:.2g}" for k, v in input_diffs.items()),
+            ],
             sizes=dict(inputs.sizes),
         )
 
@@ -347,6 +355,19 @@ class Engine:
             boundaries=[r.as_dict() for r in run.records],
             sizes=dict(inputs.sizes),
         )
+
+
+def _input_differences(ours: Mapping[str, object], theirs: Mapping[str, object]) -> dict[str, float]:
+    """rel-L2 of each tensor input (complex as real pairs, tuples concatenated) where both sides have it."""
+    from .goldens import flatten_tensors
+
+    a, b = flatten_tensors(ours), flatten_tensors(theirs)
+    out = {}
+    for name in sorted(set(a) & set(b)):
+        x, y = a[name], b[name]
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and x.is_floating_point():
+            out[name] = compare.metrics(y, x)["rel_l2"]
+    return out
 
 
 def _numel(shape) -> int:

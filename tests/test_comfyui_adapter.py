@@ -120,3 +120,27 @@ def test_a_kernel_package_built_for_another_torch_is_a_skip_reason(tmp_path, mon
     else:
         assert reasons == [f"fakekernels was built for torch 2.10.0+cu128 and does not load with torch {torch.__version__}"]
     assert "fakekernels" not in sys.modules  # decided without importing it
+
+
+def test_committed_expected_failures_load_and_carry_their_provenance():
+    from conformance.expectations import load_expected_failures
+    from conformance.paths import EXPECTED_FAILURES_FILE
+
+    declared = load_expected_failures(EXPECTED_FAILURES_FILE)
+    assert declared, "the file declares the measured sage failures"
+    for entry in declared:
+        assert entry.reason and entry.provenance
+
+
+def test_expected_failure_matching(tmp_path):
+    from conformance.case import Case
+    from conformance.expectations import expected_failure_for, load_expected_failures
+
+    path = tmp_path / "x.toml"
+    path.write_text('[[expected]]\nbackend = "sage"\nprecision = ["bf16", "fp16"]\nreason = "r"\nprovenance = "p"\n')
+    declared = load_expected_failures(path)
+    assert expected_failure_for(Case("comfyui", "qwen", "qwen.block", "tiny", "fp16", "sage", "nominal"), declared)
+    assert not expected_failure_for(Case("comfyui", "qwen", "qwen.block", "tiny", "fp32", "sage", "nominal"), declared)
+    path.write_text('[[expected]]\nbackend = "sage"\nreason = "r"\n')
+    with pytest.raises(ValueError, match="reason and a provenance"):
+        load_expected_failures(path)
