@@ -222,20 +222,12 @@ class GoldenStore:
         outputs = {name.removeprefix("output."): t for name, t in tensors.items() if name.startswith("output.")}
         return Golden(key=key, path=path, sha256=actual, outputs=outputs, entry=entry, store=self)
 
-    def write(
-        self,
-        key: GoldenKey,
-        outputs: Mapping[str, torch.Tensor],
-        inputs: Mapping[str, object],
-        meta: Mapping[str, object],
-    ) -> GoldenChange:
-        """Store float64 outputs as float32 next to the inputs they came from; atomically; report what changed."""
+    def write(self, key: GoldenKey, outputs: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> GoldenChange:
+        """Store float64 outputs as float32, atomically, and report what changed. The inputs they came from are
+        identified by the sha256 in ``meta`` (regenerated from the seed on every run, never stored)."""
         tensors: dict[str, torch.Tensor] = {}
         for name, value in outputs.items():
             tensors[f"output.{name}"] = value.detach().to("cpu", torch.float32).contiguous()
-        for name, value in flatten_tensors(inputs).items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                tensors[f"input.{name}"] = value.detach().to("cpu", torch.float32).contiguous()
         path = self.root / key.relpath
         with self._locked():
             manifest = self.manifest()

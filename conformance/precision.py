@@ -29,6 +29,12 @@ class Precision:
     def is_fp8(self) -> bool:
         return self.kind != "native"
 
+    def with_compute(self, dtype: torch.dtype) -> Precision:
+        from dataclasses import replace
+
+        name = str(dtype).removeprefix("torch.")
+        return replace(self, compute_dtype=dtype, description=f"{self.description}; compute in {name}")
+
     def not_supported_reasons(self, device: torch.device) -> list[str]:
         reasons = []
         if self.is_fp8 and not hasattr(torch, "float8_e4m3fn"):

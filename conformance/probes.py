@@ -14,6 +14,11 @@ Boundaries are
 * named inputs the subject declares (pre-hooks), for tensors no module returns: the attention kernel's result as it
   enters the output projection, the residual stream after an in-line ``x + gate * y`` as it enters the next norm.
 
+* the inputs of the subject's own guards (``torch.nan_to_num`` in ComfyUI's FLUX blocks, ``Tensor.clip`` in diffusers'):
+  a guard runs in-line in a block's forward, so without a spy an overflow it repairs leaves no trace but saturated
+  values (or zeros, for NaN). The spy records the tensor before the guard and how many values the guard changed,
+  attributed to the module whose forward called it.
+
 The first record, in firing order, holding a non-finite value names the module where the bad value was born.
 """
 
@@ -57,6 +62,15 @@ class InputProbe:
     tensor: str
 
 
+@dataclass(frozen=True)
+class GuardSpy:
+    """A guard function of the subject, by where it is looked up at call time (``owner.attr``)."""
+
+    owner: object
+    attr: str
+    label: str
+
+
 @dataclass
 class BoundaryRecord:
     order: int
@@ -70,6 +84,7 @@ class BoundaryRecord:
     max_abs: float
     saturated: int
     headroom: float | None  # dtype max / max finite |x|; None when the tensor is all zeros
+    touched: int | None = None  # for a guard's input: how many values the guard changed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +110,7 @@ class _Pending:
     dtype: torch.dtype
     shape: list[int]
     stats: torch.Tensor
+    touched: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,9 +120,12 @@ class Probes:
     root: nn.Module
     boundary_names: Mapping[str, str] = field(default_factory=dict)
     input_probes: tuple[InputProbe, ...] = ()
+    guards: tuple[GuardSpy, ...] = ()
     enabled: bool = True
     _handles: list = field(default_factory=list, init=False)
     _pending: list[_Pending] = field(default_factory=list, init=False)
+    _stack: list[str] = field(default_factory=list, init=False)
+    _restore: list = field(default_factory=list, init=False)
 
     def _display(self, path: str) -> str:
         return path or ROOT
@@ -121,10 +140,32 @@ class Probes:
         boundary = self.boundary_names.get(path, module_name)
 
         def hook(_module, _args, output):
+            if self._stack:
+                self._stack.pop()
             for tensor_name, tensor in _floating_tensors(output, "output"):
                 self._record(boundary, module_name, tensor_name, tensor)
 
         return hook
+
+    def _enter_hook(self, path: str):
+        def hook(_module, _args):
+            self._stack.append(path)
+
+        return hook
+
+    def _guard(self, spy: GuardSpy, original):
+        def guarded(*args, **kwargs):
+            out = original(*args, **kwargs)
+            tensor = args[0] if args else None
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and isinstance(out, torch.Tensor) and self._stack:
+                module = self._display(self._stack[-1])
+                changed = (out != tensor) & ~(torch.isnan(out) & torch.isnan(tensor))
+                self._pending.append(
+                    _Pending(f"input of {spy.label}", module, spy.label, tensor.dtype, list(tensor.shape), tensor_stats(tensor), changed.sum())
+                )
+            return out
+
+        return guarded
 
     def _root_input_hook(self, _module, args, kwargs):
         for tensor_name, tensor in _floating_tensors(list(args), "args"):
@@ -151,18 +192,29 @@ class Probes:
                 raise KeyError(f"input probe on {probe.module!r}: no such module in {type(self.root).__name__}")
             self._handles.append(modules[probe.module].register_forward_pre_hook(self._pre_hook(probe)))
         for path, module in modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._enter_hook(path)))
             self._handles.append(module.register_forward_hook(self._post_hook(path)))
+        for spy in self.guards:
+            original = getattr(spy.owner, spy.attr)
+            self._restore.append((spy.owner, spy.attr, original))
+            setattr(spy.owner, spy.attr, self._guard(spy, original))
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for owner, attr, original in reversed(self._restore):
+            setattr(owner, attr, original)
+        self._restore.clear()
+        self._stack.clear()
 
     def records(self) -> list[BoundaryRecord]:
         if not self._pending:
             return []
         stats = torch.stack([p.stats for p in self._pending]).cpu().tolist()  # the one host sync
+        touched_at = [i for i, p in enumerate(self._pending) if p.touched is not None]
+        touched = dict(zip(touched_at, torch.stack([self._pending[i].touched for i in touched_at]).cpu().tolist())) if touched_at else {}
         out = []
         for order, (pending, (nonfinite, nan, max_abs, saturated)) in enumerate(zip(self._pending, stats)):
             fmax = torch.finfo(pending.dtype).max
@@ -179,6 +231,7 @@ class Probes:
                     max_abs=float(max_abs),
                     saturated=int(saturated),
                     headroom=(fmax / max_abs) if max_abs > 0 else None,
+                    touched=int(touched[order]) if order in touched else None,
                 )
             )
         return out
@@ -208,6 +261,7 @@ def summarize(records: list[BoundaryRecord]) -> dict:
         return {"max_abs_value": None, "headroom": None, "saturated": 0, "nonfinite": 0, "boundaries": 0}
     worst = max(records, key=lambda r: r.max_abs)
     headrooms = [r.headroom for r in records if r.headroom is not None]
+    guard_inputs = [r for r in records if r.touched is not None]
     return {
         "max_abs_value": worst.max_abs,
         "max_abs_at": f"{worst.module} {worst.tensor}",
@@ -215,4 +269,5 @@ def summarize(records: list[BoundaryRecord]) -> dict:
         "saturated": sum(r.saturated for r in records),
         "nonfinite": sum(r.nonfinite for r in records),
         "boundaries": len(records),
+        "subject_guard_touched": sum(r.touched for r in guard_inputs) if guard_inputs else None,
     }

@@ -21,12 +21,13 @@ class Outliers:
 
 @dataclass(frozen=True)
 class Sizes:
-    image_grid: tuple[int, int]
+    image_grid: tuple[int, int]  # per frame, in packed tokens
     text_tokens: int
+    frames: int = 1  # latent frames (video families)
 
     @property
     def image_tokens(self) -> int:
-        return self.image_grid[0] * self.image_grid[1]
+        return self.frames * self.image_grid[0] * self.image_grid[1]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Profile:
     context_std: float
     sizes: dict[str, Sizes] = field(hash=False)
     outliers: tuple[Outliers, ...] = ()
+    modulation_scale: float = 1.0  # multiplies the block's conditioning vector (temb / vec / e): gates grow with it
 
     def sizes_for(self, scale: str) -> Sizes:
         try:
@@ -73,7 +75,11 @@ def _parse(family: str, name: str, raw: dict, path: Path) -> Profile:
             grid = raw[scale].get("image_grid")
             if not (isinstance(grid, list) and len(grid) == 2):
                 raise ProfileError(f"{where}.{scale}.image_grid must be [height, width] in packed tokens")
-            sizes[scale] = Sizes(image_grid=(int(grid[0]), int(grid[1])), text_tokens=int(raw[scale]["text_tokens"]))
+            sizes[scale] = Sizes(
+                image_grid=(int(grid[0]), int(grid[1])),
+                text_tokens=int(raw[scale]["text_tokens"]),
+                frames=int(raw[scale].get("frames", 1)),
+            )
     outliers = []
     for item in raw.get("outliers", []):
         channels, values = tuple(item["channels"]), tuple(float(v) for v in item["values"])
@@ -90,6 +96,7 @@ def _parse(family: str, name: str, raw: dict, path: Path) -> Profile:
         context_std=float(raw.get("context_std", 1.0)),
         sizes=sizes,
         outliers=tuple(outliers),
+        modulation_scale=float(raw.get("modulation_scale", 1.0)),
     )
 
 
@@ -106,7 +113,7 @@ def load_profiles(family: str, directory: Path = PROFILES_DIR) -> dict[str, Prof
             base = data.get(raw["base"])
             if base is None:
                 raise ProfileError(f"{path}: [{name}] is based on unknown profile {raw['base']!r}")
-            inherited = {k: v for k, v in base.items() if k not in ("description", "provenance", "outliers")}
+            inherited = {k: v for k, v in base.items() if k not in ("description", "provenance", "outliers", "modulation_scale")}
             raw = _merge(inherited, {k: v for k, v in raw.items() if k != "base"})
         profiles[name] = _parse(family, name, raw, path)
     return profiles

@@ -19,7 +19,7 @@ from . import compare
 from .backends import XCHECK, CallCounter
 from .case import Case
 from .expectations import ExpectedFailure, expected_failure_for
-from .families import get_family
+from .families import family_precision, get_family
 from .families.common import synthetic_weights
 from .goldens import Golden, GoldenChange, GoldenError, GoldenKey, GoldenMissing, GoldenStore, tensor_digest
 from .precision import Precision, get_precision
@@ -135,7 +135,7 @@ class Engine:
             "inputs_sha256": inputs_sha,
             "weights_sha256": weights_sha,
         }
-        change = store.write(key, run.outputs, inputs.kwargs, meta)
+        change = store.write(key, run.outputs, meta)
         self.golden_changes.append(change)
         self.options.progress(change.describe())
         return store.load(key, inputs_sha, weights_sha, command)
@@ -160,14 +160,14 @@ class Engine:
         dtype = torch.float64 if precision is None else precision.activation_dtype
         kwargs = clone_tensors(subject.cast_inputs(inputs, dtype, device))
         counter = CallCounter()
-        probe_set = Probes(built.module, built.boundary_names, built.input_probes, enabled=probes)
+        probe_set = Probes(built.module, built.boundary_names, built.input_probes, built.guards, enabled=probes)
         try:
             with torch.no_grad(), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
                 kwargs = prepare(kwargs)
                 with probe_set:
                     _sync(device)
                     start = time.perf_counter()
-                    outputs = dict(built(kwargs))
+                    outputs = dict(built(kwargs, inputs.sizes))
                     _sync(device)
                     seconds = time.perf_counter() - start
             records = probe_set.records()
@@ -229,7 +229,7 @@ class Engine:
             if not self.subject.backend_support(ref, self.options.device).available:
                 self._reference[key] = None
             else:
-                run = self.forward(case.component, case.scale, get_precision(case.precision), ref, self.inputs(case.component, case.scale, case.profile), probes=False)
+                run = self.forward(case.component, case.scale, family_precision(case.precision, case.family), ref, self.inputs(case.component, case.scale, case.profile), probes=False)
                 self._reference[key] = {"backend": ref, "metrics": compare.worst(self._compare(case, golden, run.outputs))}
         return self._reference[key]
 
@@ -245,11 +245,11 @@ class Engine:
         start = time.perf_counter()
         partner = self.partner()
         family = get_family(case.family)
-        convert = family.XCHECK[(self.subject.name, partner.name)]
+        convert = family.XCHECK_INPUTS[(self.subject.name, partner.name)]
         precision = get_precision("fp32")
         inputs = self.inputs(case.component, case.scale, case.profile)
         ours = self.forward(case.component, case.scale, precision, self.subject.reference_backend, inputs, probes=False)
-        partner_inputs = ComponentInputs(kwargs=convert(inputs.kwargs), sizes=dict(inputs.sizes))
+        partner_inputs = ComponentInputs(kwargs=convert(case.component, inputs.kwargs, inputs.sizes["text_tokens"]), sizes=dict(inputs.sizes))
         theirs = self.forward(case.component, case.scale, precision, partner.reference_backend, partner_inputs, probes=False, subject=partner)
         per_output = self._metrics_by_output(case, theirs.outputs, ours.outputs)
         case_metrics = compare.worst(per_output)
@@ -284,7 +284,7 @@ class Engine:
         start = time.perf_counter()
         if case.guard != "none":
             raise ValueError(f"guard {case.guard!r}: no guard policies exist yet")
-        precision = get_precision(case.precision)
+        precision = family_precision(case.precision, case.family)
         budget = compare.budget_for(case.precision)
         declared = expected_failure_for(case, self.options.expected_failures)
         try:

@@ -70,7 +70,7 @@ def test_rope_conversion_from_comfyui_matrices_to_diffusers_complex():
         "image_rotary_emb": matrices,
         "encoder_hidden_states_mask": None,
     }
-    img, txt = comfyui_inputs_to_diffusers(kwargs)["image_rotary_emb"]
+    img, txt = comfyui_inputs_to_diffusers("qwen.block", kwargs, 4)["image_rotary_emb"]
     assert txt.shape == (4, 64) and img.shape == (16, 64)
     assert torch.allclose(torch.cat([txt, img]), torch.polar(torch.ones_like(theta), theta))
     # the rotation each applies to a pair (x0, x1) is the same

@@ -168,3 +168,40 @@ def test_real_sage_rejecting_an_input_is_a_caught_fallback(eng, device, dtype, r
     )
     assert verdict.outcome == "failed" and "silent fallback: ComfyUI logged: Error running sage attention" in verdict.reason
     assert "sageattention.sageattn" in verdict.reason  # and the kernel never ran
+
+
+@pytest.mark.parametrize("component", ["flux.double", "flux.single", "wan.t2v", "wan.i2v", "wan.ti2v"])
+def test_canonical_layout_is_comfyuis_own(eng, component):
+    adapter = eng.subject._adapter(component)
+    block = adapter._block(adapter.spec.dims("tiny"), torch.float32, "meta", eng.subject.comfy.ops.disable_weight_init)
+    canonical = adapter.weight_shapes("tiny")
+    assert {k: tuple(v.shape) for k, v in block.state_dict().items()} == {k: v for k, v in canonical.items() if k in block.state_dict()}
+
+
+def test_in_place_updates_of_flux_blocks_do_not_touch_the_inputs(eng):
+    """DoubleStreamBlock does `txt += ...`: every run gets its own copy, so goldens and cases stay independent."""
+    inputs = eng.inputs("flux.double", "tiny", "nominal")
+    before = inputs.kwargs["txt"].clone()
+    first = eng.forward("flux.double", "tiny", get_precision("fp32"), "sdpa", inputs, probes=False)
+    second = eng.forward("flux.double", "tiny", get_precision("fp32"), "sdpa", inputs, probes=False)
+    assert torch.equal(inputs.kwargs["txt"], before)
+    assert torch.equal(first.outputs["txt"], second.outputs["txt"])
+
+
+def test_comfyui_flux_guard_is_made_visible(eng):
+    """fp16_overflow: the text stream overflows in the residual add; nan_to_num zeroes it; the report still says where."""
+    from conformance.expectations import ExpectedFailure
+
+    eng.options.expected_failures = []
+    result = eng.run(Case("comfyui", "flux", "flux.double", "tiny", "fp16", "sdpa", "fp16_overflow"))
+    assert result.outcome == "failed"
+    assert result.reason.startswith("non-finite inside the component although its outputs are finite (masked by the subject's guard)")
+    assert result.first_nonfinite["boundary"] == "txt residual after attention" and result.first_nonfinite["masked_by_guard"]
+    assert result.stats["subject_guard_touched"] > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in (result.metrics["rel_l2"],))
+    del ExpectedFailure
+
+
+def test_wan_i2v_runs_three_attentions(eng):
+    run = eng.forward("wan.i2v", "tiny", get_precision("fp32"), "sdpa", eng.inputs("wan.i2v", "tiny", "nominal"), probes=False)
+    assert run.calls.as_dict() == {"comfy:attention_pytorch": 3}  # self, text cross, image cross

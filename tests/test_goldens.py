@@ -19,7 +19,7 @@ META = {"subject": {"name": "diffusers", "version": "x"}, "torch": "t", "inputs_
 
 def _write(store: GoldenStore, value: float = 1.0):
     outputs = {"img": torch.full((2, 3), value, dtype=torch.float64)}
-    return store.write(KEY, outputs, {"x": torch.zeros(2)}, META)
+    return store.write(KEY, outputs, META)
 
 
 def test_roundtrip_and_manifest(tmp_path):
@@ -135,6 +135,6 @@ def test_missing_golden_of_a_committed_identity_fails(tmp_path):
     store = GoldenStore(committed, "committed")
     eng = engine(tmp_path, committed=committed)
     identity = eng.subject.info().identity
-    store.write(GoldenKey("diffusers", identity, "qwen.block", "tiny", "massive"), {"img": torch.zeros(1)}, {}, META)
+    store.write(GoldenKey("diffusers", identity, "qwen.block", "tiny", "massive"), {"img": torch.zeros(1)}, META)
     with pytest.raises(GoldenMissing, match="create it with"):
         eng.golden("qwen.block", "tiny", "nominal")

@@ -79,11 +79,12 @@ def test_nonfinite_input_is_reported_as_entering(tiny):
 
 
 def test_clip_masked_overflow_shows_as_saturation_and_fails(tmp_path):
-    """diffusers clips fp16 Qwen outputs to +-65504: an overflow in the residual add leaves only saturated values.
+    """diffusers clips fp16 Qwen outputs to +-65504: an overflow in the residual add would leave only saturated values.
 
     Channel 233 of the image stream sits at 6e4 (massive profile); a gate of 1 and an MLP bias of 2e4 push the
     residual to 8e4. In fp16 the in-line add overflows to inf, which the clip turns into 65504 before the block
-    returns: no probe sees a non-finite value, the output is finite, and only the saturation count tells.
+    returns. The output is finite; the spy on Tensor.clip sees the inf going in, and the saturation count the 65504s
+    coming out.
     """
     eng = engine(tmp_path, committed=tmp_path / "golden", update_goldens=True)
     weights = eng.weights("qwen.block", "tiny")
@@ -94,10 +95,14 @@ def test_clip_masked_overflow_shows_as_saturation_and_fails(tmp_path):
     weights["img_mlp.net.2.bias"][channel] = 2e4  # 6e4 + 2e4 > 65504: the residual add overflows, the MLP does not
 
     fp16 = eng.run(Case("diffusers", "qwen", "qwen.block", "tiny", "fp16", "sdpa", "massive"))
-    assert fp16.first_nonfinite is None  # the inf was born in an in-line add and clipped before the return
     assert fp16.outcome == "failed"
-    assert fp16.reason.startswith("64 values saturated at the float16 maximum; first at block (block output, output[1])")
+    first = fp16.first_nonfinite
+    assert first["module"] == ROOT and first["boundary"] == "input of Tensor.clip" and first["count"] == 64
+    assert first["masked_by_guard"] and not first["entered"]
+    assert fp16.reason.startswith("non-finite inside the component although its outputs are finite (masked by the subject's guard)")
+    assert "64 values saturated at the float16 maximum; first at block (block output, output[1])" in fp16.reason
     assert fp16.stats["max_abs_value"] == 65504.0 and fp16.stats["saturated"] == 64
+    assert fp16.stats["subject_guard_touched"] == 64
     assert fp16.metrics_by_output["img/bulk"]["rel_l2"] < 1e-3  # only the clipped channel is wrong
     bf16 = eng.run(Case("diffusers", "qwen", "qwen.block", "tiny", "bf16", "sdpa", "massive"))
     assert bf16.outcome == "passed" and bf16.stats["max_abs_value"] > 65504  # bf16 holds 8e4

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import qwen
+from ..precision import Precision, get_precision
+from . import flux, qwen, wan
 
-FAMILIES: dict[str, ModuleType] = {"qwen": qwen}
+FAMILIES: dict[str, ModuleType] = {"qwen": qwen, "flux": flux, "wan": wan}
 
 
 def family_of(component: str) -> str:
@@ -18,3 +19,12 @@ def get_family(name: str) -> ModuleType:
         return FAMILIES[name]
     except KeyError:
         raise KeyError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def family_precision(name: str, family: str) -> Precision:
+    """The precision as this family runs it: fp8 paths compute in the family's default dtype (WAN: fp16)."""
+    precision = get_precision(name)
+    compute = getattr(get_family(family), "FP8_COMPUTE_DTYPE", None)
+    if precision.is_fp8 and compute is not None and compute != precision.compute_dtype:
+        return precision.with_compute(compute)
+    return precision

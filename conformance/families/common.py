@@ -17,6 +17,7 @@ class LayerInit:
 
     * ``*.bias``: N(0, bias_std)
     * other 1-D tensors (norm gains): N(norm_mean, norm_std)
+    * parameter tables ``[1, n, dim]`` (WAN's modulation): N(0, 1 / sqrt(dim)), as the models initialise them
     * matrices and conv kernels: N(0, linear_gain / sqrt(fan_in)), which keeps activations at unit scale
     """
 
@@ -30,6 +31,8 @@ class LayerInit:
             return 0.0, self.bias_std
         if len(shape) == 1:
             return self.norm_mean, self.norm_std
+        if len(shape) == 3 and shape[0] == 1:
+            return 0.0, 1.0 / math.sqrt(shape[-1])
         fan_in = math.prod(shape[1:])
         return 0.0, self.linear_gain / math.sqrt(fan_in)
 
@@ -45,22 +48,31 @@ def synthetic_weights(
     return out
 
 
-def apply_outliers(kwargs: dict, outliers, streams: Mapping[str, str]) -> dict:
+def apply_outliers(kwargs: dict, outliers, streams: Mapping[str, tuple[str, slice | None]]) -> dict:
     """Hold the profile's outlier channels of each residual stream at their values, for every token.
 
-    ``streams`` maps a stream name of the profile (``img``, ``txt``) to the keyword the block takes it under.
-    Returns a new dict; tensors that change are copied.
+    ``streams`` maps a stream name of the profile (``img``, ``txt``) to the keyword the block takes it under and the
+    tokens of that keyword that belong to the stream (None: all; a joint-stream block keeps text and image in one
+    tensor). Returns a new dict; tensors that change are copied.
     """
     out = dict(kwargs)
     for group in outliers:
         if group.stream not in streams:
             raise KeyError(f"profile names stream {group.stream!r}; this component has {', '.join(streams)}")
-        key = streams[group.stream]
+        key, tokens = streams[group.stream]
         tensor = out[key].clone()
         width = tensor.shape[-1]
+        view = tensor if tokens is None else tensor[:, tokens]
         for channel, value in zip(group.channels, group.values):
             if not 0 <= channel < width:
                 raise IndexError(f"outlier channel {channel} outside the {key} width {width}")
-            tensor[..., channel] = value
+            view[..., channel] = value
         out[key] = tensor
     return out
+
+
+def scale_modulation(kwargs: dict, key: str, scale: float) -> dict:
+    """Multiply the block's conditioning vector (the input every modulation linear reads) by ``scale``."""
+    if scale == 1.0:
+        return kwargs
+    return {**kwargs, key: kwargs[key] * scale}

@@ -115,7 +115,7 @@ def raw_inputs(scale: str, profile: Profile, seed: int) -> RawInputs:
     return RawInputs(latent, context, torch.tensor([profile.timestep], dtype=torch.float32), (h, w))
 
 
-def comfyui_inputs_to_diffusers(kwargs: dict) -> dict:
+def comfyui_inputs_to_diffusers(component: str, kwargs: dict, text_tokens: int) -> dict:
     """ComfyUI's captured block inputs in diffusers' form, for the cross-implementation check.
 
     The streams and temb are the same tensors. ComfyUI's RoPE is ``[B, L_txt + L_img, 1, 64, 2, 2]`` rotation matrices
@@ -135,4 +135,4 @@ def comfyui_inputs_to_diffusers(kwargs: dict) -> dict:
 
 
 # (subject, partner) -> input conversion. Weight layouts of the two subjects are identical for Qwen-Image.
-XCHECK = {("comfyui", "diffusers"): comfyui_inputs_to_diffusers}
+XCHECK_INPUTS = {("comfyui", "diffusers"): comfyui_inputs_to_diffusers}

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backends import BackendSupport, CallCounter
 from ..precision import Precision
-from ..probes import InputProbe
+from ..probes import GuardSpy, InputProbe
 from ..profiles import Profile
 
 
@@ -65,17 +65,22 @@ class ComponentInputs:
 
 @dataclass
 class BuiltComponent:
-    """A component ready to run: the module, how to call it, and what its probes should watch."""
+    """A component ready to run: the module, how to call it, and what its probes should watch.
+
+    ``call(module, kwargs, sizes)`` runs the module and names its outputs; ``sizes`` are the input's token counts
+    (a joint-stream block needs the text length to split its output).
+    """
 
     module: nn.Module
-    call: Callable[[nn.Module, Mapping[str, object]], Mapping[str, torch.Tensor]]
+    call: Callable[[nn.Module, Mapping[str, object], Mapping[str, int]], Mapping[str, torch.Tensor]]
     boundary_names: Mapping[str, str] = field(default_factory=dict)
     input_probes: tuple[InputProbe, ...] = ()
+    guards: tuple[GuardSpy, ...] = ()
     notes: list[str] = field(default_factory=list)
     guard_note: str | None = None  # the subject's own guard inside this component, if any (e.g. a ±65504 clip)
 
-    def __call__(self, inputs: Mapping[str, object]) -> Mapping[str, torch.Tensor]:
-        return self.call(self.module, inputs)
+    def __call__(self, inputs: Mapping[str, object], sizes: Mapping[str, int] | None = None) -> Mapping[str, torch.Tensor]:
+        return self.call(self.module, inputs, sizes or {})
 
 
 class SubjectError(RuntimeError):

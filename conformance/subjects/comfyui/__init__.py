@@ -27,15 +27,15 @@ class ComfyUISubject(Subject):
     def __init__(self, path: str | Path, device: torch.device) -> None:
         self.device = device
         self.comfy = load(Path(path), device)
-        from .qwen import QwenBlock
+        from .blocks import SPECS, ComfyBlock
 
         self._components = {}
-        for adapter_cls in (QwenBlock,):
+        self.missing_components: dict[str, str] = {}
+        for component, spec in SPECS.items():
             try:
-                adapter = adapter_cls(self.comfy)
-            except SubjectError:
-                continue  # a version without this model: its components are simply not offered
-            self._components[adapter.component] = adapter
+                self._components[component] = ComfyBlock(self.comfy, spec)
+            except SubjectError as error:  # a version without this model: its components are not offered
+                self.missing_components[component] = str(error)
         if not self._components:
             raise SubjectError(f"ComfyUI {self.comfy.version} at {self.comfy.path} offers none of the suite's components")
         self._info = SubjectInfo(
@@ -51,7 +51,7 @@ class ComfyUISubject(Subject):
         return self._info
 
     def settings(self) -> dict:
-        return {**self.comfy.global_settings, "features": dict(self.comfy.features)}
+        return {**self.comfy.global_settings, "features": dict(self.comfy.features), "missing_components": self.missing_components}
 
     def packages(self) -> dict[str, str]:
         out = {}

@@ -43,9 +43,9 @@ class DiffusersSubject(Subject):
 
     def __init__(self) -> None:
         self._diffusers, self._dispatch = _import_diffusers()
-        from .qwen import QwenBlock
+        from .blocks import SPECS, DiffusersBlock
 
-        self._components = {adapter.component: adapter for adapter in (QwenBlock(),)}
+        self._components = {component: DiffusersBlock(spec) for component, spec in SPECS.items()}
 
     # -- what it is ---------------------------------------------------------------------------------------------
     def info(self) -> SubjectInfo:

@@ -56,14 +56,30 @@ def _make_hook_class():
     return ScaledLayerwiseCastingHook
 
 
-def apply_precision(module: nn.Module, precision: Precision | None, device: torch.device) -> list[str]:
+def keep_in_fp32(module: nn.Module, patterns: tuple[str, ...]) -> int:
+    """Parameters whose dotted name has a component in ``patterns`` back to float32, as ``from_pretrained`` keeps a
+    model's ``_keep_in_fp32_modules`` (WAN: modulation tables and norms). Returns how many tensors."""
+    kept = 0
+    for name, param in module.named_parameters():
+        if set(name.split(".")) & set(patterns):
+            param.data = param.data.float()
+            kept += 1
+    return kept
+
+
+def apply_precision(module: nn.Module, precision: Precision | None, device: torch.device, keep_fp32: tuple[str, ...] = ()) -> list[str]:
     """Cast ``module`` for ``precision`` (None: the float64 golden). Returns notes for the report."""
     if precision is None:
         module.to(device=device, dtype=torch.float64)
         return []
     module.to(device=device, dtype=precision.compute_dtype)
+    notes = []
+    if keep_fp32 and precision.compute_dtype != torch.float32:
+        kept = keep_in_fp32(module, keep_fp32)
+        if kept:
+            notes.append(f"{kept} tensors kept in float32 ({', '.join(keep_fp32)}), as diffusers' from_pretrained keeps them")
     if not precision.is_fp8:
-        return []
+        return notes
     if precision.kind != "fp8_storage":
         raise ValueError(f"diffusers offers no {precision.kind} path")
     HookRegistry, _, leaf_layers, skip_patterns = _hooks()
@@ -77,7 +93,7 @@ def apply_precision(module: nn.Module, precision: Precision | None, device: torc
         quantized += 1
         saturated += hook.stats.saturated
         flushed += hook.stats.flushed_to_zero
-    return [
+    return notes + [
         f"{quantized} layers stored as {str(precision.storage_dtype).removeprefix('torch.')} with per-tensor scales "
         f"({saturated} weights at the format max, {flushed} non-zero weights flushed to zero)"
     ]
