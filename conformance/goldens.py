@@ -5,8 +5,8 @@ case it judges. The manifest records who made it (subject and version, torch, se
 the inputs and of the weights, so that
 
 * a file changed by hand is detected (its hash no longer matches the manifest);
-* inputs or weights that drifted (a new subject version building RoPE differently, say) are detected before any
-  comparison is made;
+* weights that changed (their sha256) or inputs that drifted beyond float32 noise (their fingerprint: a new subject
+  version building RoPE differently, say) are detected before any comparison is made;
 * nothing is replaced silently: ``--update-goldens`` rewrites atomically (temporary file + rename) and reports, for
   every golden it touched, the old and new hash and the largest difference.
 
@@ -99,6 +99,59 @@ def tensor_digest(obj) -> str:
         else:
             h.update(repr(value).encode())
     return h.hexdigest()
+
+
+# Inputs pass through the subject's embedders in float32 (matmuls, convolutions), whose last bits depend on the BLAS
+# and the CPU: a golden made on one machine is checked on another. Their fingerprint is compared with a tolerance far
+# below any real change (a different RoPE or timestep embedding differs by 1e-3 or more) and far above that noise.
+FINGERPRINT_RTOL = 1e-5
+_SAMPLES = 16
+
+
+def input_fingerprint(obj) -> dict[str, dict]:
+    """Per tensor: dtype, shape, L2 norm, max |x| and a few values at fixed positions."""
+    out = {}
+    for name, value in sorted(flatten_tensors(obj).items()):
+        if not isinstance(value, torch.Tensor):
+            out[name] = {"value": repr(value)}
+            continue
+        t = value.detach().to("cpu")
+        flat = t.reshape(-1).double() if t.is_floating_point() else t.reshape(-1).long().double()
+        n = flat.numel()
+        picks = torch.linspace(0, max(n - 1, 0), min(_SAMPLES, n)).long() if n else torch.zeros(0, dtype=torch.long)
+        out[name] = {
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+            "l2": float(torch.linalg.vector_norm(flat)) if n else 0.0,
+            "absmax": float(flat.abs().max()) if n else 0.0,
+            "sample": [float(v) for v in flat[picks]],
+        }
+    return out
+
+
+def fingerprint_drift(recorded: Mapping[str, dict], current: Mapping[str, dict], rtol: float = FINGERPRINT_RTOL) -> list[str]:
+    """What differs beyond float32 noise between two fingerprints (empty: the same inputs)."""
+    problems = []
+    for name in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(name), current.get(name)
+        if a is None or b is None:
+            problems.append(f"{name} {'appeared' if a is None else 'disappeared'}")
+            continue
+        if "value" in a or "value" in b:
+            if a != b:
+                problems.append(f"{name}: {a.get('value')} -> {b.get('value')}")
+            continue
+        if a["dtype"] != b["dtype"] or a["shape"] != b["shape"]:
+            problems.append(f"{name}: {a['dtype']}{a['shape']} -> {b['dtype']}{b['shape']}")
+            continue
+        scale = max(a["absmax"], b["absmax"], 1e-30)
+        worst = max(
+            [abs(a["l2"] - b["l2"]) / max(a["l2"], b["l2"], 1e-30), abs(a["absmax"] - b["absmax"]) / scale]
+            + [abs(x - y) / scale for x, y in zip(a["sample"], b["sample"])]
+        )
+        if worst > rtol:
+            problems.append(f"{name} differs by {worst:.2g} (relative)")
+    return problems
 
 
 def file_sha256(path: Path) -> str:
@@ -196,7 +249,8 @@ class GoldenStore:
         prefix = f"{subject}@{identity}/"
         return any(k.startswith(prefix) for k in self.manifest()["goldens"])
 
-    def load(self, key: GoldenKey, inputs_sha256: str, weights_sha256: str, create_command: str) -> Golden:
+    def load(self, key: GoldenKey, inputs: Mapping[str, object], weights_sha256: str, create_command: str) -> Golden:
+        """Load a golden after checking the file's hash, the weights' hash and the inputs' fingerprint."""
         entry = self.entry(key)
         path = self.root / key.relpath
         if entry is None or not path.exists():
@@ -208,16 +262,18 @@ class GoldenStore:
                 f"golden {path} has sha256 {actual[:16]} but the manifest records {entry['sha256'][:16]}: the file was "
                 f"changed outside --update-goldens. Restore it (git checkout) or regenerate it with: {create_command}"
             )
-        for what, recorded, current in (
-            ("inputs", entry["inputs_sha256"], inputs_sha256),
-            ("weights", entry["weights_sha256"], weights_sha256),
-        ):
-            if recorded != current:
-                raise GoldenStale(
-                    f"the {what} of {key.id} (sha256 {current[:16]}) differ from those its golden was made from "
-                    f"({recorded[:16]}, {entry['subject']['name']} {entry['subject']['version']}, torch {entry['torch']}): "
-                    f"the subject now builds them differently. If that is intended, regenerate with: {create_command}"
-                )
+        made_by = f"{entry['subject']['name']} {entry['subject']['version']}, torch {entry['torch']}"
+        if entry["weights_sha256"] != weights_sha256:
+            raise GoldenStale(
+                f"the weights of {key.id} (sha256 {weights_sha256[:16]}) differ from those its golden was made from "
+                f"({entry['weights_sha256'][:16]}, {made_by}). If that is intended, regenerate with: {create_command}"
+            )
+        drift = fingerprint_drift(entry["inputs_fingerprint"], input_fingerprint(inputs))
+        if drift:
+            raise GoldenStale(
+                f"the inputs of {key.id} differ from those its golden was made from ({made_by}): {'; '.join(drift[:4])}. "
+                f"The subject now builds them differently. If that is intended, regenerate with: {create_command}"
+            )
         tensors = load_file(str(path))
         outputs = {name.removeprefix("output."): t for name, t in tensors.items() if name.startswith("output.")}
         return Golden(key=key, path=path, sha256=actual, outputs=outputs, entry=entry, store=self)

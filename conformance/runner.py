@@ -21,7 +21,7 @@ from .case import Case
 from .expectations import ExpectedFailure, expected_failure_for
 from .families import family_precision, get_family
 from .families.common import synthetic_weights
-from .goldens import Golden, GoldenChange, GoldenError, GoldenKey, GoldenMissing, GoldenStore, tensor_digest
+from .goldens import Golden, GoldenChange, GoldenError, GoldenKey, GoldenMissing, GoldenStore, input_fingerprint, tensor_digest
 from .precision import Precision, get_precision
 from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
 from .profiles import load_profiles
@@ -110,18 +110,18 @@ class Engine:
         store = self.store_for(key)
         weights = self.weights(component, scale)
         inputs = self.inputs(component, scale, profile)
-        inputs_sha, weights_sha = tensor_digest(inputs.kwargs), tensor_digest(weights)
+        weights_sha = tensor_digest(weights)
         command = self.options.golden_command(key)
         try:
             if not self.options.update_goldens:
-                return self._goldens.put(key.id, store.load(key, inputs_sha, weights_sha, command))
+                return self._goldens.put(key.id, store.load(key, inputs.kwargs, weights_sha, command))
         except GoldenMissing:
             if store is not self.options.local_store:
                 raise
-        golden = self._make_golden(key, store, inputs, inputs_sha, weights_sha, command)
+        golden = self._make_golden(key, store, inputs, weights_sha, command)
         return self._goldens.put(key.id, golden)
 
-    def _make_golden(self, key: GoldenKey, store: GoldenStore, inputs: ComponentInputs, inputs_sha: str, weights_sha: str, command: str) -> Golden:
+    def _make_golden(self, key: GoldenKey, store: GoldenStore, inputs: ComponentInputs, weights_sha: str, command: str) -> Golden:
         self.options.progress(f"computing golden {key.id} in float64 on CPU ({self.subject.golden_backend} attention)")
         run = self.forward(key.component, key.scale, None, self.subject.golden_backend, inputs, device=torch.device("cpu"), probes=False)
         info = self.subject.info()
@@ -132,13 +132,14 @@ class Engine:
             "computed_in": "float64 on CPU",
             "stored_as": "float32",
             "backend": self.subject.golden_backend,
-            "inputs_sha256": inputs_sha,
+            "inputs_sha256": tensor_digest(inputs.kwargs),
+            "inputs_fingerprint": input_fingerprint(inputs.kwargs),
             "weights_sha256": weights_sha,
         }
         change = store.write(key, run.outputs, meta)
         self.golden_changes.append(change)
         self.options.progress(change.describe())
-        return store.load(key, inputs_sha, weights_sha, command)
+        return store.load(key, inputs.kwargs, weights_sha, command)
 
     # -- one forward ---------------------------------------------------------------------------------------------
     def forward(
@@ -328,7 +329,7 @@ class Engine:
             masked_by_guard=bool(nonfinite and not output_nonfinite and run.guard_note),
             consistency_failures=tuple(path_failures),
         )
-        verdict = compare.judge(evidence, budget, declared.reason if declared else None)
+        verdict = compare.judge(evidence, budget, declared.reason if declared else None, declared.strict if declared else True)
         notes = list(run.notes) + path_notes + verdict.notes
         if run.guard_note:
             notes.append(f"subject guard: {run.guard_note}")

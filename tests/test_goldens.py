@@ -9,12 +9,18 @@ import pytest
 import torch
 
 from conformance import goldens as goldens_module
-from conformance.goldens import GoldenKey, GoldenMissing, GoldenStale, GoldenStore, GoldenTampered, tensor_digest
+from conformance.goldens import GoldenKey, GoldenMissing, GoldenStale, GoldenStore, GoldenTampered, input_fingerprint, tensor_digest
 
 from .helpers import engine
 
 KEY = GoldenKey("diffusers", "0.42.1", "qwen.block", "tiny", "nominal")
-META = {"subject": {"name": "diffusers", "version": "x"}, "torch": "t", "inputs_sha256": "i" * 64, "weights_sha256": "w" * 64}
+INPUTS = {"x": torch.linspace(-1, 1, 100)}
+META = {
+    "subject": {"name": "diffusers", "version": "x"},
+    "torch": "t",
+    "inputs_fingerprint": input_fingerprint(INPUTS),
+    "weights_sha256": "w" * 64,
+}
 
 
 def _write(store: GoldenStore, value: float = 1.0):
@@ -26,7 +32,7 @@ def test_roundtrip_and_manifest(tmp_path):
     store = GoldenStore(tmp_path, "committed")
     change = _write(store)
     assert change.action == "created"
-    golden = store.load(KEY, "i" * 64, "w" * 64, "CMD")
+    golden = store.load(KEY, INPUTS, "w" * 64, "CMD")
     assert golden.outputs["img"].dtype == torch.float32 and golden.outputs["img"].sum() == 6
     entry = json.loads((tmp_path / "manifest.json").read_text())["goldens"][KEY.id]
     assert entry["sha256"] == golden.sha256 and entry["subject"]["version"] == "x"
@@ -34,7 +40,7 @@ def test_roundtrip_and_manifest(tmp_path):
 
 def test_missing_golden_names_the_command(tmp_path):
     with pytest.raises(GoldenMissing, match="create it with: pytest suites --update-goldens"):
-        GoldenStore(tmp_path, "committed").load(KEY, "i" * 64, "w" * 64, "pytest suites --update-goldens")
+        GoldenStore(tmp_path, "committed").load(KEY, INPUTS, "w" * 64, "pytest suites --update-goldens")
 
 
 def test_tampered_file_is_detected(tmp_path):
@@ -45,14 +51,20 @@ def test_tampered_file_is_detected(tmp_path):
     data[-1] ^= 0x01  # flip one bit of the last float
     path.write_bytes(bytes(data))
     with pytest.raises(GoldenTampered, match="changed outside --update-goldens"):
-        store.load(KEY, "i" * 64, "w" * 64, "CMD")
+        store.load(KEY, INPUTS, "w" * 64, "CMD")
 
 
-def test_drifted_inputs_are_detected(tmp_path):
+def test_drifted_inputs_are_detected_and_float32_noise_is_not(tmp_path):
     store = GoldenStore(tmp_path, "committed")
     _write(store)
-    with pytest.raises(GoldenStale, match="inputs"):
-        store.load(KEY, "j" * 64, "w" * 64, "CMD")
+    noisy = {"x": INPUTS["x"] * (1 + 1e-7)}  # another BLAS, another last bit
+    store.load(KEY, noisy, "w" * 64, "CMD")
+    with pytest.raises(GoldenStale, match="x differs by 0.001"):
+        store.load(KEY, {"x": INPUTS["x"] * (1 + 1e-3)}, "w" * 64, "CMD")
+    with pytest.raises(GoldenStale, match="appeared"):
+        store.load(KEY, {**INPUTS, "y": torch.ones(2)}, "w" * 64, "CMD")
+    with pytest.raises(GoldenStale, match="weights"):
+        store.load(KEY, INPUTS, "v" * 64, "CMD")
 
 
 def test_update_reports_old_and_new_hash_and_max_difference(tmp_path):
@@ -82,7 +94,7 @@ def test_failed_write_leaves_the_old_golden_intact(tmp_path, monkeypatch):
         _write(store, 2.0)
     assert (tmp_path / KEY.relpath).read_bytes() == before
     assert [p.name for p in (tmp_path / KEY.relpath).parent.iterdir()] == ["nominal.safetensors"]  # no temp file left
-    store.load(KEY, "i" * 64, "w" * 64, "CMD")  # still valid
+    store.load(KEY, INPUTS, "w" * 64, "CMD")  # still valid
 
 
 def test_committed_goldens_match_their_manifest(tmp_path):
