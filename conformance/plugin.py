@@ -51,6 +51,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--golden-dir", default=None, help=f"committed golden store (default: {GOLDEN_DIR})")
     group.addoption("--golden-store", default=None, help="local store for real-scale goldens (default: $CONFORMANCE_GOLDEN_STORE or ~/.cache/diffusion-conformance/golden)")
     group.addoption("--expectations", default=None, help="ratchet file from a baseline run: a case worse than its expectation fails")
+    group.addoption("--save-outputs", action="store_true", help="save every case's outputs (float32 safetensors) under <report-dir>/outputs, for the upgrade gate")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -233,6 +234,7 @@ class ConformanceSession:
                     expected_failures=load_expected_failures(EXPECTED_FAILURES_FILE),
                     progress=self.progress,
                     golden_command=self.golden_command,
+                    outputs_dir=self.report_dir / "outputs" if self.opt("--save-outputs") else None,
                 ),
             )
         return self._engine
@@ -275,6 +277,7 @@ class ConformanceSession:
                 "markexpr": self.config.getoption("markexpr") or None,
                 "keyword": self.config.getoption("keyword") or None,
                 "update_goldens": self.opt("--update-goldens"),
+                "save_outputs": self.opt("--save-outputs"),
                 "expectations": self.opt("--expectations"),
             },
             "golden_stores": {"committed": str(self.golden_dir), "local": str(self.golden_store)},

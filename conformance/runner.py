@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,7 @@ class EngineOptions:
     expected_failures: list[ExpectedFailure] = field(default_factory=list)
     progress: Callable[[str], None] = lambda message: None
     golden_command: Callable[[GoldenKey], str] = lambda key: "pytest suites --update-goldens"
+    outputs_dir: Path | None = None  # where each case's outputs are saved (float32 safetensors), for the upgrade gate
 
 
 @dataclass
@@ -234,6 +236,16 @@ class Engine:
                 self._reference[key] = {"backend": ref, "metrics": compare.worst(self._compare(case, golden, run.outputs))}
         return self._reference[key]
 
+    def _save_outputs(self, case: Case, outputs: Mapping[str, torch.Tensor]) -> Path | None:
+        if self.options.outputs_dir is None:
+            return None
+        from safetensors.torch import save_file
+
+        self.options.outputs_dir.mkdir(parents=True, exist_ok=True)
+        path = self.options.outputs_dir / f"{case.id}.safetensors"
+        save_file({name: t.detach().to("cpu", torch.float32).contiguous() for name, t in outputs.items()}, str(path))
+        return path
+
     def partner(self) -> Subject:
         if self._partner is None:
             from .subjects import load_subject
@@ -298,6 +310,7 @@ class Engine:
         path_failures, path_notes = self._other_paths_agree(case, precision, inputs, run.outputs)
         per_output = self._compare(case, golden, run.outputs)
         case_metrics = compare.worst(per_output)
+        outputs_file = self._save_outputs(case, run.outputs)
         if case.backend == self.subject.reference_backend:
             reference = None
             self._reference[(case.component, case.scale, case.precision, case.profile, case.guard)] = {
@@ -335,6 +348,8 @@ class Engine:
             notes.append(f"subject guard: {run.guard_note}")
         if nonfinite:
             nonfinite = {**nonfinite, "entered": nonfinite["module"] == "input", "masked_by_guard": evidence.masked_by_guard}
+        if outputs_file:
+            notes.append(f"outputs saved to {outputs_file}")
         golden_report = golden.as_report()
         golden_report["created_this_run"] = any(c.key == golden.key and c.action != "unchanged" for c in self.golden_changes)
         return CaseResult(
