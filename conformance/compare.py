@@ -88,13 +88,16 @@ class Budget:
 
 
 @cache
-def load_budgets(path: Path = BUDGETS_FILE) -> dict[str, Budget]:
+def load_budgets(path: Path = BUDGETS_FILE, kind: str | None = None) -> dict[str, Budget]:
+    """Budgets by precision; ``kind`` (e.g. ``vae``) applies that table's overrides, ``[<kind>.precision.<name>]``,
+    over the precision's own numbers (a decoder chains ~30 convolutions, a block 7-8 linears)."""
     with path.open("rb") as handle:
         data = tomllib.load(handle)
     defaults = data.get("defaults", {})
+    overrides = data.get(kind, {}).get("precision", {}) if kind else {}
     budgets = {}
     for name, raw in data.get("precision", {}).items():
-        merged = {**defaults, **raw}
+        merged = {**defaults, **raw, **overrides.get(name, {})}
         try:
             budgets[name] = Budget(
                 precision=name,
@@ -110,8 +113,8 @@ def load_budgets(path: Path = BUDGETS_FILE) -> dict[str, Budget]:
     return budgets
 
 
-def budget_for(precision: str, path: Path = BUDGETS_FILE) -> Budget:
-    budgets = load_budgets(path)
+def budget_for(precision: str, path: Path = BUDGETS_FILE, kind: str | None = None) -> Budget:
+    budgets = load_budgets(path, kind)
     if precision not in budgets:
         raise KeyError(f"{path} has no budget for precision {precision!r}")
     return budgets[precision]
@@ -136,6 +139,8 @@ class Evidence:
     expectation: float | None = None  # rel_l2 recorded by a baseline run
     masked_by_guard: bool = False
     consistency_failures: tuple[str, ...] = ()  # e.g. two ways of forcing one backend that disagree
+    save_stage: Mapping | None = None  # VAE cases: ComfyUI's save stage (SaveResult.as_dict())
+    tiled: Mapping | None = None  # VAE cases: the tiled decode against the full one (Engine._tiled_evidence)
 
 
 @dataclass
@@ -153,14 +158,17 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
-def judge(ev: Evidence, budget: Budget, expected_failure: str | None = None, strict: bool = True) -> Verdict:
+def judge(ev: Evidence, budget: Budget, expected_failure: str | None = None, strict: bool = True, expected_at: str | None = None) -> Verdict:
     failures: list[str] = []
     notes: list[str] = []
 
     # 1. finite
     if ev.first_nonfinite:
         f = ev.first_nonfinite
-        where = f"first at {f['module']} ({f['boundary']}, {f['tensor']}): {f['count']} values"
+        if f["module"] == "input":
+            where = f"the bad values entered at the input ({f['tensor']}: {f['count']} values), they were not born inside"
+        else:
+            where = f"first at {f['module']} ({f['boundary']}, {f['tensor']}): {f['count']} values"
         if ev.output_nonfinite:
             failures.append(f"non-finite output; {where}")
         else:
@@ -213,8 +221,19 @@ def judge(ev: Evidence, budget: Budget, expected_failure: str | None = None, str
     for message in ev.fallbacks:
         failures.append(f"silent fallback: {message}")
     failures.extend(ev.consistency_failures)
+    if ev.save_stage and not ev.save_stage["ok"]:
+        st = ev.save_stage
+        failures.append(
+            f"save stage: numpy {st['message']} on {st['bad_pixels']} of {st['pixels']} pixels (saved as 0: black)"
+        )
+    if ev.tiled:
+        failures.extend(_tiling_failures(ev.tiled))
 
     if expected_failure:
+        place = ev.first_nonfinite["module"] if ev.first_nonfinite else None
+        if expected_at is not None and failures and place != expected_at:
+            found = f"at {place}" if place else "no non-finite value"
+            return Verdict("failed", [f"declared expected failure needs the first non-finite value at {expected_at}, found {found}"] + failures, notes)
         if failures:
             return Verdict("xfailed", failures, [f"expected failure: {expected_failure}"] + notes)
         if strict:
@@ -227,6 +246,20 @@ def judge(ev: Evidence, budget: Budget, expected_failure: str | None = None, str
 def xcheck_budget(path: Path = BUDGETS_FILE) -> float:
     with path.open("rb") as handle:
         return float(tomllib.load(handle)["xcheck"]["rel_l2"])
+
+
+def _tiling_failures(tiled: Mapping) -> list[str]:
+    failures = []
+    for name, shape in tiled["shapes"].items():
+        if shape["full"] != shape["tiled"]:
+            failures.append(f"tiled decode returned {name} of shape {shape['tiled']}, the full decode {shape['full']}")
+    for name, count in tiled["nonfinite"].items():
+        if count["tiled"] > count["full"]:
+            failures.append(f"tiled decode produced {count['tiled']} non-finite {name} values (full decode: {count['full']})")
+    rel = tiled["metrics"].get("rel_l2", math.nan)
+    if not math.isnan(rel) and rel > tiled["budget"]:
+        failures.append(f"tiled decode differs from the full decode: rel_l2 {_fmt(rel)} > tiling budget {_fmt(tiled['budget'])}")
+    return failures
 
 
 def judge_xcheck(
@@ -242,3 +275,9 @@ def judge_xcheck(
     if not ours or not theirs:
         failures.append(f"an attention backend never ran (calls: {dict(ours)} / {dict(theirs)})")
     return Verdict("failed" if failures else "passed", failures, [])
+
+
+@cache
+def tiling_budget(path: Path = BUDGETS_FILE) -> float:
+    with path.open("rb") as handle:
+        return float(tomllib.load(handle)["tiling"]["rel_l2"])

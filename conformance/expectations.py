@@ -27,6 +27,9 @@ class ExpectedFailure:
     reason: str
     provenance: str
     strict: bool = True  # a strict declaration fails the run when its case passes
+    # Where the first non-finite value must be for the declaration to hold ("input": it entered the component); a
+    # case that fails with its first bad value elsewhere is a failure, not the expected one.
+    first_nonfinite_at: str | None = None
 
     def matches(self, case: Case) -> bool:
         return all(getattr(case, name) in values for name, values in self.match.items())
@@ -39,14 +42,20 @@ def load_expected_failures(path: Path) -> list[ExpectedFailure]:
         data = tomllib.load(handle)
     out = []
     for i, raw in enumerate(data.get("expected", [])):
-        unknown = set(raw) - set(MATCH_FIELDS) - {"reason", "provenance", "strict"}
+        unknown = set(raw) - set(MATCH_FIELDS) - {"reason", "provenance", "strict", "first_nonfinite_at"}
         if unknown:
             raise ValueError(f"{path}: expected[{i}] has unknown fields {sorted(unknown)}")
         if not raw.get("reason") or not raw.get("provenance"):
             raise ValueError(f"{path}: expected[{i}] needs a reason and a provenance")
         match = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in raw.items() if k in MATCH_FIELDS}
         out.append(
-            ExpectedFailure(match, " ".join(raw["reason"].split()), " ".join(raw["provenance"].split()), bool(raw.get("strict", True)))
+            ExpectedFailure(
+                match,
+                " ".join(raw["reason"].split()),
+                " ".join(raw["provenance"].split()),
+                bool(raw.get("strict", True)),
+                raw.get("first_nonfinite_at"),
+            )
         )
     return out
 

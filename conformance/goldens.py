@@ -23,6 +23,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -119,13 +120,20 @@ def input_fingerprint(obj) -> dict[str, dict]:
         flat = t.reshape(-1).double() if t.is_floating_point() else t.reshape(-1).long().double()
         n = flat.numel()
         picks = torch.linspace(0, max(n - 1, 0), min(_SAMPLES, n)).long() if n else torch.zeros(0, dtype=torch.long)
-        out[name] = {
+        finite = flat[torch.isfinite(flat)]
+        entry = {
             "dtype": str(t.dtype).removeprefix("torch."),
             "shape": list(t.shape),
-            "l2": float(torch.linalg.vector_norm(flat)) if n else 0.0,
-            "absmax": float(flat.abs().max()) if n else 0.0,
-            "sample": [float(v) for v in flat[picks]],
+            # over the finite values; NaN and Inf are counted (JSON has no NaN, and NaN != NaN would make every
+            # comparison of a NaN-carrying input a change)
+            "l2": float(torch.linalg.vector_norm(finite)) if finite.numel() else 0.0,
+            "absmax": float(finite.abs().max()) if finite.numel() else 0.0,
+            "sample": [float(v) if math.isfinite(v) else repr(float(v)) for v in flat[picks].tolist()],
         }
+        nonfinite = n - finite.numel()
+        if nonfinite:
+            entry["nonfinite"] = {"nan": int(torch.isnan(flat).sum()), "inf": int(torch.isposinf(flat).sum()), "-inf": int(torch.isneginf(flat).sum())}
+        out[name] = entry
     return out
 
 
@@ -144,10 +152,17 @@ def fingerprint_drift(recorded: Mapping[str, dict], current: Mapping[str, dict],
         if a["dtype"] != b["dtype"] or a["shape"] != b["shape"]:
             problems.append(f"{name}: {a['dtype']}{a['shape']} -> {b['dtype']}{b['shape']}")
             continue
+        if a.get("nonfinite") != b.get("nonfinite"):
+            problems.append(f"{name}: non-finite values {a.get('nonfinite') or 'none'} -> {b.get('nonfinite') or 'none'}")
+            continue
         scale = max(a["absmax"], b["absmax"], 1e-30)
+        samples = list(zip(a["sample"], b["sample"]))
+        if any(isinstance(x, str) or isinstance(y, str) for x, y in samples) and any(x != y for x, y in samples if isinstance(x, str) or isinstance(y, str)):
+            problems.append(f"{name}: non-finite values moved")
+            continue
         worst = max(
             [abs(a["l2"] - b["l2"]) / max(a["l2"], b["l2"], 1e-30), abs(a["absmax"] - b["absmax"]) / scale]
-            + [abs(x - y) / scale for x, y in zip(a["sample"], b["sample"])]
+            + [abs(x - y) / scale for x, y in samples if not isinstance(x, str) and not isinstance(y, str)]
         )
         if worst > rtol:
             problems.append(f"{name} differs by {worst:.2g} (relative)")
@@ -317,7 +332,7 @@ class GoldenStore:
                 entry["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
                 manifest["goldens"][key.id] = entry
                 manifest["goldens"] = dict(sorted(manifest["goldens"].items()))
-                _atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+                _atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
         if old is None:
             return GoldenChange(key, path, "created", None, new_sha)
         diffs = {}

@@ -11,7 +11,7 @@ import torch
 
 from .backends import BACKENDS, XCHECK
 from .case import Case
-from .families import family_of
+from .families import family_of, profile_family
 from .precision import PRECISIONS
 from .profiles import load_profiles
 from .subjects.base import Subject
@@ -35,15 +35,15 @@ def build_matrix(
     entries = []
     for component in subject.components():
         family = family_of(component)
-        available_profiles = load_profiles(family)
+        available_profiles = {n: p for n, p in load_profiles(profile_family(component)).items() if p.applies(component)}
         for scale in scales:
             for profile in profiles or tuple(available_profiles):
                 if profile not in available_profiles:
                     continue
                 for precision in PRECISIONS.values():
-                    precision_reasons = precision.not_supported_reasons(device) + list(subject.precision_support(precision, device))
+                    precision_reasons = precision.not_supported_reasons(device) + list(subject.precision_support(precision, device, component))
                     for backend in BACKENDS:
-                        support = subject.backend_support(backend, device)
+                        support = subject.backend_support(backend, device, component)
                         # One reason is enough to skip: the precision's, else the backend's.
                         reasons = [f"{precision.name}: {r}" for r in precision_reasons]
                         reasons = reasons or [f"{backend}: {r}" for r in support.reasons]
@@ -52,7 +52,8 @@ def build_matrix(
                             entries.append(MatrixEntry(case, "; ".join(reasons) or None))
                 if subject.xcheck_partner:
                     case = Case(subject.name, family, component, scale, "fp32", XCHECK, profile)
-                    entries.append(MatrixEntry(case, _partner_reason(subject.xcheck_partner)))
+                    reason = subject.xcheck_reason(component) or _partner_reason(subject.xcheck_partner)
+                    entries.append(MatrixEntry(case, reason))
     return entries
 
 

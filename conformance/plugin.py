@@ -120,7 +120,7 @@ class ConformanceSession:
         if profiles:
             from .profiles import load_profiles
 
-            known = {name for family in FAMILIES for name in load_profiles(family)}
+            known = {name for family in (*FAMILIES, "vae") for name in load_profiles(family)}
             unknown = [p for p in profiles if p not in known]
             if unknown:
                 raise UsageError(f"--profile: no family defines {unknown}; known: {', '.join(sorted(known))}")

@@ -122,13 +122,15 @@ class Probes:
     input_probes: tuple[InputProbe, ...] = ()
     guards: tuple[GuardSpy, ...] = ()
     enabled: bool = True
+    root_label: str = ROOT  # how the root module is named in records ("block"; a VAE's is "vae")
     _handles: list = field(default_factory=list, init=False)
     _pending: list[_Pending] = field(default_factory=list, init=False)
     _stack: list[str] = field(default_factory=list, init=False)
     _restore: list = field(default_factory=list, init=False)
+    _inputs_recorded: bool = field(default=False, init=False)
 
     def _display(self, path: str) -> str:
-        return path or ROOT
+        return path or self.root_label
 
     def _record(self, boundary: str, module: str, tensor_name: str, tensor: torch.Tensor) -> None:
         self._pending.append(
@@ -157,8 +159,9 @@ class Probes:
         def guarded(*args, **kwargs):
             out = original(*args, **kwargs)
             tensor = args[0] if args else None
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and isinstance(out, torch.Tensor) and self._stack:
-                module = self._display(self._stack[-1])
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and isinstance(out, torch.Tensor):
+                # outside every module: the component's own code around its modules (a VAE's decode clamps there)
+                module = self._display(self._stack[-1] if self._stack else "")
                 changed = (out != tensor) & ~(torch.isnan(out) & torch.isnan(tensor))
                 self._pending.append(
                     _Pending(f"input of {spy.label}", module, spy.label, tensor.dtype, list(tensor.shape), tensor_stats(tensor), changed.sum())
@@ -167,7 +170,23 @@ class Probes:
 
         return guarded
 
-    def _root_input_hook(self, _module, args, kwargs):
+    def record_inputs(self, kwargs: Mapping[str, object]) -> None:
+        """Record the component's inputs where the call does not go through the root's ``forward`` (a VAE's
+        ``decode``); the root's pre-hook then records nothing more."""
+        if self.enabled:
+            self._inputs_recorded = True
+            self._root_input_hook(self.root, (), kwargs, explicit=True)
+
+    def record_outputs(self, outputs: Mapping[str, object]) -> None:
+        """The call's outputs, as the root's post-hook would record them (for a call that bypasses ``forward``)."""
+        if self.enabled:
+            for name, value in outputs.items():
+                for tensor_name, tensor in _floating_tensors(value, name):
+                    self._record(self.boundary_names.get("", self.root_label), self.root_label, tensor_name, tensor)
+
+    def _root_input_hook(self, _module, args, kwargs, explicit: bool = False):
+        if self._inputs_recorded and not explicit:
+            return
         for tensor_name, tensor in _floating_tensors(list(args), "args"):
             self._record("component input", INPUT, tensor_name, tensor)
         for key, value in kwargs.items():
@@ -183,6 +202,7 @@ class Probes:
 
     def __enter__(self) -> Probes:
         self._pending.clear()
+        self._inputs_recorded = False
         if not self.enabled:
             return self
         modules = dict(self.root.named_modules())

@@ -42,6 +42,11 @@ class Profile:
     sizes: dict[str, Sizes] = field(hash=False)
     outliers: tuple[Outliers, ...] = ()
     modulation_scale: float = 1.0  # multiplies the block's conditioning vector (temb / vec / e): gates grow with it
+    latent_nonfinite: tuple[float, ...] = ()  # VAE profiles: NaN / Inf values written into the latent
+    applies_to: tuple[str, ...] | None = None  # components the profile is meant for (None: every one of the family)
+
+    def applies(self, component: str) -> bool:
+        return self.applies_to is None or component in self.applies_to
 
     def sizes_for(self, scale: str) -> Sizes:
         try:
@@ -97,6 +102,8 @@ def _parse(family: str, name: str, raw: dict, path: Path) -> Profile:
         sizes=sizes,
         outliers=tuple(outliers),
         modulation_scale=float(raw.get("modulation_scale", 1.0)),
+        latent_nonfinite=tuple(float(v) for v in raw.get("latent_nonfinite", ())),
+        applies_to=tuple(raw["applies_to"]) if "applies_to" in raw else None,
     )
 
 
@@ -113,7 +120,8 @@ def load_profiles(family: str, directory: Path = PROFILES_DIR) -> dict[str, Prof
             base = data.get(raw["base"])
             if base is None:
                 raise ProfileError(f"{path}: [{name}] is based on unknown profile {raw['base']!r}")
-            inherited = {k: v for k, v in base.items() if k not in ("description", "provenance", "outliers", "modulation_scale")}
+            own_only = ("description", "provenance", "outliers", "modulation_scale", "latent_nonfinite", "applies_to")
+            inherited = {k: v for k, v in base.items() if k not in own_only}
             raw = _merge(inherited, {k: v for k, v in raw.items() if k != "base"})
         profiles[name] = _parse(family, name, raw, path)
     return profiles

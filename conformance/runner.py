@@ -20,13 +20,14 @@ from . import compare
 from .backends import XCHECK, CallCounter
 from .case import Case
 from .expectations import ExpectedFailure, expected_failure_for
-from .families import family_precision, get_family
+from .families import component_module, family_precision, get_family, is_vae, profile_family
 from .families.common import synthetic_weights
 from .goldens import Golden, GoldenChange, GoldenError, GoldenKey, GoldenMissing, GoldenStore, input_fingerprint, tensor_digest
 from .precision import Precision, get_precision
 from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
 from .profiles import load_profiles
 from .results import CaseResult
+from .save_stage import save_like_comfyui
 from .subjects.base import ComponentInputs, Subject, clone_tensors
 
 
@@ -52,6 +53,7 @@ class ForwardRun:
     seconds: float
     notes: list[str]
     guard_note: str | None
+    tiled_outputs: dict[str, torch.Tensor] | None = None
 
 
 class _LRU(OrderedDict):
@@ -90,7 +92,7 @@ class Engine:
     def weights(self, component: str, scale: str) -> dict[str, torch.Tensor]:
         key = (component, scale)
         if key not in self._weights:
-            family = get_family(component.split(".")[0])
+            family = component_module(component)
             shapes = self.subject.weight_shapes(component, scale)
             if scale != "tiny":
                 self.options.progress(f"generating synthetic {scale} weights for {component} ({sum(map(_numel, shapes.values())) / 1e6:.0f} M values)")
@@ -100,8 +102,7 @@ class Engine:
     def inputs(self, component: str, scale: str, profile: str) -> ComponentInputs:
         key = (component, scale, profile)
         if key not in self._inputs:
-            family = component.split(".")[0]
-            prof = load_profiles(family)[profile]
+            prof = load_profiles(profile_family(component))[profile]
             self._inputs.put(key, self.subject.inputs(component, scale, prof, self.weights(component, scale), self.options.seed))
         return self._inputs[key]
 
@@ -124,8 +125,9 @@ class Engine:
         return self._goldens.put(key.id, golden)
 
     def _make_golden(self, key: GoldenKey, store: GoldenStore, inputs: ComponentInputs, weights_sha: str, command: str) -> Golden:
-        self.options.progress(f"computing golden {key.id} in float64 on CPU ({self.subject.golden_backend} attention)")
-        run = self.forward(key.component, key.scale, None, self.subject.golden_backend, inputs, device=torch.device("cpu"), probes=False)
+        backend = self.subject.golden_backend_for(key.component)
+        self.options.progress(f"computing golden {key.id} in float64 on CPU ({backend} attention)")
+        run = self.forward(key.component, key.scale, None, backend, inputs, device=torch.device("cpu"), probes=False)
         info = self.subject.info()
         meta = {
             "subject": {k: v for k, v in info.as_dict().items() if k != "path"},
@@ -133,7 +135,7 @@ class Engine:
             "seed": self.options.seed,
             "computed_in": "float64 on CPU",
             "stored_as": "float32",
-            "backend": self.subject.golden_backend,
+            "backend": backend,
             "inputs_sha256": tensor_digest(inputs.kwargs),
             "inputs_fingerprint": input_fingerprint(inputs.kwargs),
             "weights_sha256": weights_sha,
@@ -155,6 +157,7 @@ class Engine:
         probes: bool = True,
         path: str | None = None,
         subject: Subject | None = None,
+        tiled: bool = False,
     ) -> ForwardRun:
         """Build the component in ``precision`` (None: float64 golden), run it once under ``backend``."""
         subject = subject or self.subject
@@ -163,22 +166,31 @@ class Engine:
         dtype = torch.float64 if precision is None else precision.activation_dtype
         kwargs = clone_tensors(subject.cast_inputs(inputs, dtype, device))
         counter = CallCounter()
-        probe_set = Probes(built.module, built.boundary_names, built.input_probes, built.guards, enabled=probes)
+        probe_set = Probes(built.module, built.boundary_names, built.input_probes, built.guards, enabled=probes, root_label=built.root_label)
         try:
             with torch.no_grad(), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
                 kwargs = prepare(kwargs)
                 with probe_set:
                     _sync(device)
                     start = time.perf_counter()
+                    if built.inputs_at_call:
+                        probe_set.record_inputs(kwargs)
                     outputs = dict(built(kwargs, inputs.sizes))
+                    if built.inputs_at_call:
+                        probe_set.record_outputs(outputs)
                     _sync(device)
                     seconds = time.perf_counter() - start
+                tiled_outputs = None
+                if tiled and built.tiled_call is not None:
+                    counts = counter.counts.copy()  # the calls of the case are those of the full decode
+                    tiled_outputs = dict(built.tiled_call(built.module, clone_tensors(kwargs), inputs.sizes))
+                    counter.counts = counts
             records = probe_set.records()
         finally:
             notes, guard_note = built.notes, built.guard_note
             del built, kwargs
             gc.collect()
-        return ForwardRun(outputs, records, counter, seconds, notes, guard_note)
+        return ForwardRun(outputs, records, counter, seconds, notes, guard_note, tiled_outputs)
 
     def _other_paths_agree(self, case: Case, precision: Precision, inputs: ComponentInputs, outputs: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """In fp32, every other way the subject offers to force the backend must give the same bits."""
@@ -193,7 +205,7 @@ class Engine:
             calls = other.calls.as_dict()
             if not equal:
                 failures.append(f"backend path {path} differs from {paths[0]} in fp32 (max |diff| {diffs})")
-            elif not all(calls.get(k, 0) for k in self.subject.expected_kernels(case.backend, precision)):
+            elif not all(calls.get(k, 0) for k in self.subject.expected_kernels(case.backend, precision, case.component)):
                 failures.append(f"backend path {path} never ran the backend (calls: {calls})")
             else:
                 notes.append(f"{path} path: bitwise equal to {paths[0]} (calls {calls})")
@@ -206,11 +218,30 @@ class Engine:
             raise KeyError(f"golden {golden.key.id} has no output {missing} (it has {sorted(golden.outputs)})")
         return self._metrics_by_output(case, golden.outputs, outputs)
 
+    def _tiled_evidence(
+        self, case: Case, full: Mapping[str, torch.Tensor], tiled: Mapping[str, torch.Tensor] | None
+    ) -> tuple[dict | None, dict[str, dict[str, float]]]:
+        """The subject's tiled decode against its own full decode, same precision: shapes, non-finite values the
+        tiling added, and the difference (not a rounding comparison: tiles see less context, see budgets.toml)."""
+        if tiled is None:
+            return None, {}
+        shapes = {name: (list(full[name].shape), list(tiled[name].shape)) for name in full}
+        nonfinite = {name: (int((~torch.isfinite(full[name])).sum()), int((~torch.isfinite(tiled[name])).sum())) for name in full}
+        same_shape = all(a == b for a, b in shapes.values())
+        per_output = self._metrics_by_output(case, full, tiled) if same_shape else {}
+        evidence = {
+            "budget": compare.tiling_budget(),
+            "metrics": compare.worst(per_output) if per_output else {},
+            "shapes": {name: {"full": a, "tiled": b} for name, (a, b) in shapes.items()},
+            "nonfinite": {name: {"full": a, "tiled": b} for name, (a, b) in nonfinite.items()},
+        }
+        return evidence, per_output
+
     def _metrics_by_output(
         self, case: Case, expected_outputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]
     ) -> dict[str, dict[str, float]]:
-        family = get_family(case.family)
-        profile = load_profiles(case.family)[case.profile]
+        family = component_module(case.component)
+        profile = load_profiles(profile_family(case.component))[case.profile]
         per_output: dict[str, dict[str, float]] = {}
         for name, actual in outputs.items():
             expected = expected_outputs[name].to("cpu")
@@ -229,7 +260,7 @@ class Engine:
         ref = self.subject.reference_backend
         key = (case.component, case.scale, case.precision, case.profile, case.guard)
         if key not in self._reference:
-            if not self.subject.backend_support(ref, self.options.device).available:
+            if not self.subject.backend_support(ref, self.options.device, case.component).available:
                 self._reference[key] = None
             else:
                 run = self.forward(case.component, case.scale, family_precision(case.precision, case.family), ref, self.inputs(case.component, case.scale, case.profile), probes=False)
@@ -298,7 +329,8 @@ class Engine:
         if case.guard != "none":
             raise ValueError(f"guard {case.guard!r}: no guard policies exist yet")
         precision = family_precision(case.precision, case.family)
-        budget = compare.budget_for(case.precision)
+        vae = is_vae(case.component)
+        budget = compare.budget_for(case.precision, kind="vae" if vae else None)
         declared = expected_failure_for(case, self.options.expected_failures)
         try:
             golden = self.golden(case.component, case.scale, case.profile)
@@ -306,7 +338,7 @@ class Engine:
             return CaseResult(case, "failed", reason=str(error), failures=[str(error)], seconds=time.perf_counter() - start)
         inputs = self.inputs(case.component, case.scale, case.profile)
         paths = self.subject.backend_paths(case.component, case.backend)
-        run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0])
+        run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0], tiled=vae)
         path_failures, path_notes = self._other_paths_agree(case, precision, inputs, run.outputs)
         per_output = self._compare(case, golden, run.outputs)
         case_metrics = compare.worst(per_output)
@@ -319,6 +351,8 @@ class Engine:
             }
         else:
             reference = self.reference_metrics(case, golden)
+        save = save_like_comfyui(run.outputs["pixels"]) if vae else None
+        tiled, tiled_metrics = self._tiled_evidence(case, run.outputs, run.tiled_outputs)
         nonfinite = first_nonfinite(run.records)
         output_nonfinite = sum(int((~torch.isfinite(t)).sum()) for t in run.outputs.values())
         saturated = first_saturated(run.records)
@@ -336,13 +370,21 @@ class Engine:
             else {"boundary": saturated.boundary, "module": saturated.module, "tensor": saturated.tensor, "count": saturated.saturated, "dtype": saturated.dtype},
             saturated_total=stats["saturated"],
             backend_calls=run.calls.as_dict(),
-            expected_kernels=self.subject.expected_kernels(case.backend, precision),
+            expected_kernels=self.subject.expected_kernels(case.backend, precision, case.component),
             fallbacks=tuple(run.calls.fallbacks),
             expectation=self.options.ratchet.get(case.id),
             masked_by_guard=bool(nonfinite and not output_nonfinite and run.guard_note),
             consistency_failures=tuple(path_failures),
+            save_stage=save.as_dict() if save else None,
+            tiled=tiled,
         )
-        verdict = compare.judge(evidence, budget, declared.reason if declared else None, declared.strict if declared else True)
+        verdict = compare.judge(
+            evidence,
+            budget,
+            declared.reason if declared else None,
+            declared.strict if declared else True,
+            declared.first_nonfinite_at if declared else None,
+        )
         notes = list(run.notes) + path_notes + verdict.notes
         if run.guard_note:
             notes.append(f"subject guard: {run.guard_note}")
@@ -350,6 +392,13 @@ class Engine:
             nonfinite = {**nonfinite, "entered": nonfinite["module"] == "input", "masked_by_guard": evidence.masked_by_guard}
         if outputs_file:
             notes.append(f"outputs saved to {outputs_file}")
+        if save is not None:
+            stats["save_stage"] = save.as_dict()
+        if tiled is not None:
+            per_output.update({f"tiled_vs_full/{k}": v for k, v in tiled_metrics.items()})
+            stats["tiled"] = tiled
+            if tiled["metrics"]:
+                notes.append(f"tiled decode vs full decode: rel_l2 {tiled['metrics']['rel_l2']:.3g} (budget {tiled['budget']:.3g})")
         golden_report = golden.as_report()
         golden_report["created_this_run"] = any(c.key == golden.key and c.action != "unchanged" for c in self.golden_changes)
         return CaseResult(

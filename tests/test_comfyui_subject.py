@@ -205,3 +205,87 @@ def test_comfyui_flux_guard_is_made_visible(eng):
 def test_wan_i2v_runs_three_attentions(eng):
     run = eng.forward("wan.i2v", "tiny", get_precision("fp32"), "sdpa", eng.inputs("wan.i2v", "tiny", "nominal"), probes=False)
     assert run.calls.as_dict() == {"comfy:attention_pytorch": 3}  # self, text cross, image cross
+
+
+# -- VAE decoders ------------------------------------------------------------------------------------------------------
+def _vae_case(component: str, profile: str, backend: str = "sdpa") -> Case:
+    return Case("comfyui", component.split(".")[0], component, "tiny", "fp32", backend, profile)
+
+
+def test_vae_decoders_are_comfyuis_own_classes(eng):
+    import comfy.ldm.models.autoencoder
+    import comfy.ldm.wan.vae
+    import comfy.ldm.wan.vae2_2
+
+    expected = {"qwen.vae": comfy.ldm.wan.vae.WanVAE, "wan.vae21": comfy.ldm.wan.vae.WanVAE, "wan.vae22": comfy.ldm.wan.vae2_2.WanVAE, "flux.vae": comfy.ldm.models.autoencoder.AutoencodingEngine}
+    for component, cls in expected.items():
+        built = eng.subject.build(component, "tiny", get_precision("fp32"), eng.weights(component, "tiny"), CPU)
+        assert type(built.module) is cls
+
+
+@pytest.mark.parametrize(("backend", "function"), [("sdpa", "pytorch_attention"), ("split", "normal_attention")])
+def test_vae_attention_is_forced_counted_and_restored(eng, backend, function):
+    built = eng.subject.build("flux.vae", "tiny", get_precision("fp32"), eng.weights("flux.vae", "tiny"), CPU)
+    attn = built.module.decoder.mid.attn_1
+    before = attn.optimized_attention
+    counter = CallCounter()
+    with torch.no_grad(), eng.subject.use_backend(built.module, backend, counter, component="flux.vae") as prepare:
+        built(prepare(eng.subject.cast_inputs(eng.inputs("flux.vae", "tiny", "nominal"), torch.float32, CPU)))
+    assert counter.as_dict() == {f"comfy:{function}": 1}
+    assert attn.optimized_attention is before
+
+
+def test_vae_nan_latent_is_reported_as_entering(eng):
+    from conformance.expectations import load_expected_failures
+    from conformance.paths import EXPECTED_FAILURES_FILE
+
+    eng.options.expected_failures = load_expected_failures(EXPECTED_FAILURES_FILE)
+    eng.options.update_goldens = True
+    try:
+        result = eng.run(_vae_case("wan.vae21", "nan_latent"))
+    finally:
+        eng.options.expected_failures, eng.options.update_goldens = [], False
+    assert result.outcome == "xfailed", result.failures
+    assert result.first_nonfinite["module"] == "input" and result.first_nonfinite["entered"] is True
+    assert any("RuntimeWarning: invalid value encountered in cast" in f for f in result.failures)
+
+
+@pytest.mark.parametrize(
+    ("component", "weight", "module"),
+    [
+        ("wan.vae21", "decoder.upsamples.4.residual.2.weight", "decoder.upsamples.4.residual.2"),
+        ("flux.vae", "decoder.up.1.block.0.conv1.weight", "decoder.up.1.block.0.conv1"),
+    ],
+)
+def test_vae_fault_planted_in_an_up_block_is_named(eng, component, weight, module):
+    weights = dict(eng.weights(component, "tiny"))
+    faulty = weights[weight].clone()
+    faulty.view(-1)[0] = float("inf")
+    built = eng.subject.build(component, "tiny", get_precision("fp32"), {**weights, weight: faulty}, CPU)
+    from conformance.probes import Probes, first_nonfinite
+
+    kwargs = eng.subject.cast_inputs(eng.inputs(component, "tiny", "nominal"), torch.float32, CPU)
+    with torch.no_grad(), Probes(built.module, built.boundary_names, root_label=built.root_label) as probes:
+        probes.record_inputs(kwargs)
+        built(kwargs)
+    first = first_nonfinite(probes.records())
+    assert first["module"] == module, first
+
+
+def test_vae_tiled_decode_uses_comfyuis_tiler(eng, monkeypatch):
+    import comfy.utils
+
+    calls = []
+    original = comfy.utils.tiled_scale_multidim
+    monkeypatch.setattr(comfy.utils, "tiled_scale_multidim", lambda *a, **k: calls.append(tuple(a[2] if len(a) > 2 else k["tile"])) or original(*a, **k))
+    for component in ("wan.vae22", "flux.vae"):
+        built = eng.subject.build(component, "tiny", get_precision("fp32"), eng.weights(component, "tiny"), CPU)
+        kwargs = eng.subject.cast_inputs(eng.inputs(component, "tiny", "nominal"), torch.float32, CPU)
+        with torch.no_grad():
+            full = built(kwargs)["pixels"]
+            tiled = built.tiled_call(built.module, kwargs, {})["pixels"]
+        assert tiled.shape == full.shape
+        rel = float((tiled - full).norm() / full.norm())
+        assert 1e-3 < rel < 0.9, rel
+    assert (999, 6, 6) in calls  # Wan: decode_tiled_3d's (t, y, x) tiles
+    assert {(12, 3), (3, 12), (6, 6)} <= set(calls)  # FLUX: decode_tiled_'s three tilings, (y, x)

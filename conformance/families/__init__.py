@@ -5,13 +5,27 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..precision import Precision, get_precision
-from . import flux, qwen, wan
+from . import flux, qwen, vae, wan
 
 FAMILIES: dict[str, ModuleType] = {"qwen": qwen, "flux": flux, "wan": wan}
 
 
 def family_of(component: str) -> str:
     return component.split(".", 1)[0]
+
+
+def is_vae(component: str) -> bool:
+    return component in vae.COMPONENTS
+
+
+def component_module(component: str) -> ModuleType:
+    """The module defining a component's weights, outputs and streams: its family's, or ``vae`` for decoders."""
+    return vae if is_vae(component) else get_family(family_of(component))
+
+
+def profile_family(component: str) -> str:
+    """Which ``fixtures/profiles/<name>.toml`` holds the component's input profiles."""
+    return vae.FAMILY if is_vae(component) else family_of(component)
 
 
 def get_family(name: str) -> ModuleType:

@@ -78,6 +78,10 @@ class BuiltComponent:
     guards: tuple[GuardSpy, ...] = ()
     notes: list[str] = field(default_factory=list)
     guard_note: str | None = None  # the subject's own guard inside this component, if any (e.g. a ±65504 clip)
+    tiled_call: Callable[[nn.Module, Mapping[str, object], Mapping[str, int]], Mapping[str, torch.Tensor]] | None = None
+    # The call does not go through ``module.forward`` (a VAE's ``decode``): the probes record the inputs at the call.
+    inputs_at_call: bool = False
+    root_label: str = "block"  # the root module's name in the probes' records
 
     def __call__(self, inputs: Mapping[str, object], sizes: Mapping[str, int] | None = None) -> Mapping[str, torch.Tensor]:
         return self.call(self.module, inputs, sizes or {})
@@ -124,6 +128,15 @@ class Subject(ABC):
     golden_backend: str = "math"  # the backend goldens are computed with, in float64 on CPU
     xcheck_partner: str | None = None  # another subject whose components this one is cross-checked against
 
+    def golden_backend_for(self, component: str) -> str:
+        """The backend a component's goldens are computed with (a VAE's attention offers other functions)."""
+        adapter = getattr(self, "_components", {}).get(component)
+        return getattr(adapter, "golden_backend", None) or self.golden_backend
+
+    def xcheck_reason(self, component: str) -> str | None:
+        """Why ``component`` has no cross-subject check (None: it has one)."""
+        return None
+
     @abstractmethod
     def info(self) -> SubjectInfo: ...
 
@@ -131,14 +144,14 @@ class Subject(ABC):
     def components(self) -> tuple[str, ...]: ...
 
     @abstractmethod
-    def backend_support(self, backend: str, device: torch.device) -> BackendSupport: ...
+    def backend_support(self, backend: str, device: torch.device, component: str | None = None) -> BackendSupport: ...
 
-    def precision_support(self, precision: Precision, device: torch.device) -> tuple[str, ...]:
-        """Reasons this subject cannot run ``precision`` on ``device``; empty when it can."""
+    def precision_support(self, precision: Precision, device: torch.device, component: str | None = None) -> tuple[str, ...]:
+        """Reasons this subject cannot run ``precision`` on ``device`` (for ``component``); empty when it can."""
         return ()
 
     @abstractmethod
-    def expected_kernels(self, backend: str, precision: Precision | None = None) -> tuple[str, ...]:
+    def expected_kernels(self, backend: str, precision: Precision | None = None, component: str | None = None) -> tuple[str, ...]:
         """Labels in the call counter that must all be non-zero for ``backend`` (in ``precision``) to have run."""
 
     def backend_paths(self, component: str, backend: str) -> tuple[str, ...]:

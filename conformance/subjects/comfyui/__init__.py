@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...backends import BackendSupport, CallCounter
+from ...families import is_vae
 from ...precision import Precision
 from ...profiles import Profile
 from ..base import BuiltComponent, ComponentInputs, Subject, SubjectError, SubjectInfo
@@ -28,12 +29,15 @@ class ComfyUISubject(Subject):
         self.device = device
         self.comfy = load(Path(path), device)
         from .blocks import SPECS, ComfyBlock
+        from .vaes import SPECS as VAE_SPECS
+        from .vaes import ComfyVae
 
         self._components = {}
         self.missing_components: dict[str, str] = {}
-        for component, spec in SPECS.items():
+        adapters = [(c, ComfyBlock, spec) for c, spec in SPECS.items()] + [(c, ComfyVae, spec) for c, spec in VAE_SPECS.items()]
+        for component, adapter, spec in adapters:
             try:
-                self._components[component] = ComfyBlock(self.comfy, spec)
+                self._components[component] = adapter(self.comfy, spec)
             except SubjectError as error:  # a version without this model: its components are not offered
                 self.missing_components[component] = str(error)
         if not self._components:
@@ -60,6 +64,11 @@ class ComfyUISubject(Subject):
                 out[dist] = importlib.metadata.version(dist)
         return out
 
+    def xcheck_reason(self, component: str) -> str | None:
+        if is_vae(component):
+            return "xcheck: no cross-subject check for decoders (each subject's synthetic weights are keyed by its own tensor names)"
+        return None
+
     def components(self) -> tuple[str, ...]:
         return tuple(self._components)
 
@@ -70,13 +79,22 @@ class ComfyUISubject(Subject):
             raise SubjectError(f"ComfyUI {self.comfy.version} has no component {component!r}; it offers {', '.join(self._components)}") from None
 
     # -- precisions and backends ----------------------------------------------------------------------------------
-    def precision_support(self, precision: Precision, device: torch.device) -> tuple[str, ...]:
+    def precision_support(self, precision: Precision, device: torch.device, component: str | None = None) -> tuple[str, ...]:
+        adapter = self._components.get(component)
+        if hasattr(adapter, "precision_support"):
+            return adapter.precision_support(precision, device)
         return tuple(ops.support_reasons(self.comfy, precision, device))
 
-    def backend_support(self, backend: str, device: torch.device) -> BackendSupport:
+    def backend_support(self, backend: str, device: torch.device, component: str | None = None) -> BackendSupport:
+        adapter = self._components.get(component)
+        if hasattr(adapter, "backend_support"):
+            return adapter.backend_support(backend, device)
         return attention.backend_support(self.comfy, backend, device)
 
-    def expected_kernels(self, backend: str, precision: Precision | None = None) -> tuple[str, ...]:
+    def expected_kernels(self, backend: str, precision: Precision | None = None, component: str | None = None) -> tuple[str, ...]:
+        adapter = self._components.get(component)
+        if hasattr(adapter, "expected_kernels"):
+            return adapter.expected_kernels(backend)
         kernels = attention.expected_kernels(backend)
         if precision is not None and precision.kind == "fp8_mm":
             kernels += ("torch._scaled_mm",)
@@ -84,6 +102,8 @@ class ComfyUISubject(Subject):
 
     def backend_paths(self, component: str, backend: str) -> tuple[str, ...]:
         adapter = self._adapter(component)
+        if not hasattr(adapter, "accepts_transformer_options"):
+            return ("rebind",)
         if self.comfy.features.get("optimized_attention_override") and adapter.accepts_transformer_options():
             return ("rebind", "override")
         return ("rebind",)
@@ -91,6 +111,10 @@ class ComfyUISubject(Subject):
     @contextlib.contextmanager
     def use_backend(self, module: nn.Module, backend: str, counter: CallCounter, path: str | None = None, component: str | None = None) -> Iterator:
         adapter = self._adapter(component or next(iter(self._components)))
+        if hasattr(adapter, "use_backend"):
+            with adapter.use_backend(module, backend, counter) as prepare:
+                yield prepare
+            return
         with contextlib.ExitStack() as stack:
             stack.enter_context(_count_scaled_mm(counter))
             prepare = stack.enter_context(attention.use_backend(self.comfy, adapter.attention_sites, backend, counter, path or "rebind"))

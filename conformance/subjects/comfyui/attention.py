@@ -81,21 +81,22 @@ def expected_kernels(backend: str) -> tuple[str, ...]:
 
 
 class _FallbackCatcher(logging.Handler):
-    def __init__(self, counter: CallCounter) -> None:
+    def __init__(self, counter: CallCounter, patterns: tuple[re.Pattern, ...] = FALLBACK_PATTERNS) -> None:
         super().__init__(level=logging.INFO)
         self.counter = counter
+        self.patterns = patterns
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if any(p.search(message) for p in FALLBACK_PATTERNS):
+        if any(p.search(message) for p in self.patterns):
             self.counter.record_fallback(f"ComfyUI logged: {message}")
 
 
 @contextlib.contextmanager
-def catch_fallbacks(counter: CallCounter) -> Iterator[None]:
+def catch_fallbacks(counter: CallCounter, extra_patterns: tuple[re.Pattern, ...] = ()) -> Iterator[None]:
     """Collect ComfyUI's fallback log lines (the fp8 one is logged at INFO) while the case runs."""
     root = logging.getLogger()
-    handler = _FallbackCatcher(counter)
+    handler = _FallbackCatcher(counter, FALLBACK_PATTERNS + tuple(extra_patterns))
     previous = root.level
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:

@@ -44,8 +44,11 @@ class DiffusersSubject(Subject):
     def __init__(self) -> None:
         self._diffusers, self._dispatch = _import_diffusers()
         from .blocks import SPECS, DiffusersBlock
+        from .vaes import SPECS as VAE_SPECS
+        from .vaes import DiffusersVae
 
         self._components = {component: DiffusersBlock(spec) for component, spec in SPECS.items()}
+        self._components.update({component: DiffusersVae(spec) for component, spec in VAE_SPECS.items()})
 
     # -- what it is ---------------------------------------------------------------------------------------------
     def info(self) -> SubjectInfo:
@@ -70,7 +73,10 @@ class DiffusersSubject(Subject):
             raise SubjectError(f"diffusers subject has no component {component!r}; it offers {', '.join(self._components)}") from None
 
     # -- backends ---------------------------------------------------------------------------------------------
-    def backend_support(self, backend: str, device: torch.device) -> BackendSupport:
+    def backend_support(self, backend: str, device: torch.device, component: str | None = None) -> BackendSupport:
+        adapter = self._components.get(component)
+        if hasattr(adapter, "backend_support"):
+            return adapter.backend_support(backend, device)
         if backend not in BACKEND_NAMES:
             return BackendSupport(backend, (f"not offered by diffusers {self._diffusers.__version__} (a ComfyUI attention function)",))
         reasons: list[str] = []
@@ -86,12 +92,15 @@ class DiffusersSubject(Subject):
             reasons.append("needs a CUDA device")
         return BackendSupport(backend, tuple(reasons))
 
-    def precision_support(self, precision: Precision, device: torch.device) -> tuple[str, ...]:
+    def precision_support(self, precision: Precision, device: torch.device, component: str | None = None) -> tuple[str, ...]:
         if precision.kind in ("native", "fp8_storage"):
             return ()
         return (f"not offered by diffusers {self._diffusers.__version__} (a ComfyUI fp8 path)",)
 
-    def expected_kernels(self, backend: str, precision: Precision | None = None) -> tuple[str, ...]:
+    def expected_kernels(self, backend: str, precision: Precision | None = None, component: str | None = None) -> tuple[str, ...]:
+        adapter = self._components.get(component)
+        if hasattr(adapter, "expected_kernels"):
+            return adapter.expected_kernels(backend)
         return (f"diffusers:{BACKEND_NAMES[backend]}",)
 
     @contextlib.contextmanager
@@ -104,6 +113,11 @@ class DiffusersSubject(Subject):
         the function it then calls. Constraint checks are on while the case runs, so an unsupported dtype or device
         raises diffusers' own error instead of misbehaving.
         """
+        adapter = self._components.get(component)
+        if hasattr(adapter, "use_backend"):
+            with adapter.use_backend(module, backend, counter) as prepare:
+                yield prepare
+            return
         registry = self._dispatch._AttentionBackendRegistry
         name = self._dispatch.AttentionBackendName(BACKEND_NAMES[backend])
         original_fn = registry._backends[name]

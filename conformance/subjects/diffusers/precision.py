@@ -69,10 +69,11 @@ def keep_in_fp32(module: nn.Module, patterns: tuple[str, ...]) -> int:
 
 def apply_precision(module: nn.Module, precision: Precision | None, device: torch.device, keep_fp32: tuple[str, ...] = ()) -> list[str]:
     """Cast ``module`` for ``precision`` (None: the float64 golden). Returns notes for the report."""
+    # nn.Module.to, not ModelMixin.to: the latter warns about _keep_in_fp32_modules, which keep_fp32 handles here.
     if precision is None:
-        module.to(device=device, dtype=torch.float64)
+        nn.Module.to(module, device=device, dtype=torch.float64)
         return []
-    module.to(device=device, dtype=precision.compute_dtype)
+    nn.Module.to(module, device=device, dtype=precision.compute_dtype)
     notes = []
     if keep_fp32 and precision.compute_dtype != torch.float32:
         kept = keep_in_fp32(module, keep_fp32)

@@ -1,0 +1,66 @@
+"""Real-config VAE decode timings: ``pytest benchmarks/test_vae_decode_bench.py -m bench``.
+
+Each of the four decoders at its real width decodes the ``nominal`` latent of the real scale (16x16 latent pixels:
+128x128 pixels, 256x256 for the 16x Wan 2.2 VAE), without probes, in fp32, bf16 and fp16, on the device the suite
+would use (CUDA when present). The subject is diffusers, plus ComfyUI when ``COMFYUI_PATH`` names a checkout.
+``extra_info`` holds the latent and pixel shapes and the pixels decoded per second. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conformance.families import vae
+from conformance.goldens import GoldenStore
+from conformance.precision import get_precision
+from conformance.runner import Engine, EngineOptions
+from conformance.subjects import load_subject
+
+pytestmark = pytest.mark.bench
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SUBJECTS = ["diffusers"] + (["comfyui"] if os.environ.get("COMFYUI_PATH") else [])
+_ENGINES: dict[str, Engine] = {}
+
+
+def _engine(subject: str, tmp_path_factory) -> Engine:
+    if subject not in _ENGINES:
+        kwargs = {"comfyui_path": os.environ["COMFYUI_PATH"], "device": DEVICE} if subject == "comfyui" else {}
+        store = tmp_path_factory.mktemp("stores")
+        _ENGINES[subject] = Engine(
+            load_subject(subject, **kwargs),
+            EngineOptions(device=DEVICE, committed_store=GoldenStore(store / "c", "c"), local_store=GoldenStore(store / "l", "l")),
+        )
+    return _ENGINES[subject]
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("component", vae.COMPONENTS)
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_real_decode(benchmark, tmp_path_factory, subject, component, precision):
+    eng = _engine(subject, tmp_path_factory)
+    built = eng.subject.build(component, "real", get_precision(precision), eng.weights(component, "real"), DEVICE)
+    kwargs = eng.subject.cast_inputs(eng.inputs(component, "real", "nominal"), get_precision(precision).activation_dtype, DEVICE)
+
+    def decode():
+        with torch.no_grad():
+            out = built(kwargs)["pixels"]
+        _sync()
+        return out
+
+    pixels = benchmark.pedantic(decode, rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update(
+        subject=eng.subject.info().identity,
+        device=str(DEVICE),
+        latent=list(kwargs["z"].shape),
+        pixels=list(pixels.shape),
+        megapixels_per_s=pixels[0, 0].numel() / 1e6 / benchmark.stats.stats.median,
+    )
