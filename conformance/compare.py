@@ -138,6 +138,7 @@ class Evidence:
     fallbacks: tuple[str, ...] = ()
     expectation: float | None = None  # rel_l2 recorded by a baseline run
     masked_by_guard: bool = False
+    guard: str = "none"  # the guard policy applied ("none": the subject's own behaviour)
     consistency_failures: tuple[str, ...] = ()  # e.g. two ways of forcing one backend that disagree
     save_stage: Mapping | None = None  # VAE cases: ComfyUI's save stage (SaveResult.as_dict())
     tiled: Mapping | None = None  # VAE cases: the tiled decode against the full one (Engine._tiled_evidence)
@@ -172,7 +173,8 @@ def judge(ev: Evidence, budget: Budget, expected_failure: str | None = None, str
         if ev.output_nonfinite:
             failures.append(f"non-finite output; {where}")
         else:
-            guard = " (masked by the subject's guard)" if ev.masked_by_guard else ""
+            masker = "the subject's guard" if ev.guard == "none" else f"the {ev.guard} guard"
+            guard = f" (masked by {masker})" if ev.masked_by_guard else ""
             failures.append(f"non-finite inside the component although its outputs are finite{guard}; {where}")
     elif ev.output_nonfinite:
         failures.append(f"non-finite output: {ev.output_nonfinite} values")

@@ -11,7 +11,8 @@ import torch
 
 from .backends import BACKENDS, XCHECK
 from .case import Case
-from .families import family_of, profile_family
+from .families import family_of, is_vae, profile_family
+from .guards import support_reason
 from .precision import PRECISIONS
 from .profiles import load_profiles
 from .subjects.base import Subject
@@ -40,19 +41,24 @@ def build_matrix(
             for profile in profiles or tuple(available_profiles):
                 if profile not in available_profiles:
                     continue
+                profile_reason = subject.profile_reason(component, available_profiles[profile])
                 for precision in PRECISIONS.values():
                     precision_reasons = precision.not_supported_reasons(device) + list(subject.precision_support(precision, device, component))
                     for backend in BACKENDS:
                         support = subject.backend_support(backend, device, component)
-                        # One reason is enough to skip: the precision's, else the backend's.
-                        reasons = [f"{precision.name}: {r}" for r in precision_reasons]
-                        reasons = reasons or [f"{backend}: {r}" for r in support.reasons]
                         for guard in guards:
+                            # One reason is enough to skip: the profile's, else the precision's, the backend's, the guard's.
+                            guard_reason = support_reason(guard, family, component, precision.name, backend, is_vae(component))
+                            reasons = (
+                                [f"profile {profile}: {profile_reason}"] if profile_reason else []
+                            ) or [f"{precision.name}: {r}" for r in precision_reasons] or [f"{backend}: {r}" for r in support.reasons] or (
+                                [f"guard {guard}: {guard_reason}"] if guard_reason else []
+                            )
                             case = Case(subject.name, family, component, scale, precision.name, backend, profile, guard)
                             entries.append(MatrixEntry(case, "; ".join(reasons) or None))
                 if subject.xcheck_partner:
                     case = Case(subject.name, family, component, scale, "fp32", XCHECK, profile)
-                    reason = subject.xcheck_reason(component) or _partner_reason(subject.xcheck_partner)
+                    reason = subject.xcheck_reason(component) or (f"profile {profile}: {profile_reason}" if profile_reason else None) or _partner_reason(subject.xcheck_partner)
                     entries.append(MatrixEntry(case, reason))
     return entries
 

@@ -18,6 +18,7 @@ import torch
 from .backends import BACKENDS, XCHECK
 from .case import Case
 from .families import FAMILIES
+from .guards import GUARD_NAMES
 from .matrix import SCALES, build_matrix
 from .paths import DEFAULT_REPORT_DIR, EXPECTED_FAILURES_FILE, GOLDEN_DIR, local_golden_store
 from .precision import PRECISIONS
@@ -25,7 +26,7 @@ from .results import CaseResult
 
 PRECISION_MARKERS = tuple(dict.fromkeys(p.marker for p in PRECISIONS.values()))
 SUBJECTS = ("diffusers", "comfyui")
-GUARDS = ("none",)
+GUARDS = GUARD_NAMES
 OTHER_MARKERS = {
     "vae": "VAE decoder cases",
     "gpu": "needs a CUDA device",
@@ -45,7 +46,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     group.addoption("--scale", default="tiny", help=f"comma-separated scales: {', '.join(SCALES)} (default: tiny)")
     group.addoption("--profile", default=None, help="comma-separated input profiles (default: every profile of the family)")
-    group.addoption("--guard", default="none", help=f"comma-separated guard policies (available: {', '.join(GUARDS)})")
+    group.addoption("--guard", default="none", help=f"comma-separated guard policies, or 'all' (available: {', '.join(GUARDS)})")
     group.addoption("--report-dir", default=None, help=f"where results.json, summary.md and junit.xml go (default: {DEFAULT_REPORT_DIR})")
     group.addoption("--update-goldens", action="store_true", help="recompute the goldens the selected cases use; every change is reported")
     group.addoption("--golden-dir", default=None, help=f"committed golden store (default: {GOLDEN_DIR})")
@@ -157,6 +158,8 @@ class ConformanceSession:
     @property
     def guards(self) -> tuple[str, ...]:
         guards = _split(self.opt("--guard")) or ("none",)
+        if guards == ("all",):
+            return GUARDS
         unknown = [g for g in guards if g not in GUARDS]
         if unknown:
             raise UsageError(f"--guard: unknown {unknown}; available: {', '.join(GUARDS)}")

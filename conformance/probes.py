@@ -30,25 +30,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .kernels import finite_stats
+
 ROOT = "block"
 INPUT = "input"
 
 
 def tensor_stats(x: torch.Tensor) -> torch.Tensor:
-    """``[nonfinite, nan, max finite |x|, saturated]`` as a float64 tensor on ``x``'s device (no host sync)."""
-    a = x.detach().abs()
-    finite = torch.isfinite(a)
-    fmax = torch.finfo(x.dtype).max
-    return torch.stack(
-        [
-            (~finite).sum(dtype=torch.float64),
-            torch.isnan(a).sum(dtype=torch.float64),
-            torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax().double()
-            if a.numel()
-            else torch.zeros((), dtype=torch.float64, device=a.device),
-            (a == fmax).sum(dtype=torch.float64),
-        ]
-    )
+    """``[nonfinite, nan, max finite |x|, saturated]`` as a float64 tensor on ``x``'s device (no host sync): the fused
+    check of ``conformance.kernels`` (one read of ``x`` with Triton on CUDA, torch elsewhere)."""
+    return finite_stats(x)
 
 
 @dataclass(frozen=True)
@@ -123,6 +114,7 @@ class Probes:
     guards: tuple[GuardSpy, ...] = ()
     enabled: bool = True
     root_label: str = ROOT  # how the root module is named in records ("block"; a VAE's is "vae")
+    scope: str = "all"  # "all": every module, the declared inputs and the guards; "io": the root's inputs and outputs only
     _handles: list = field(default_factory=list, init=False)
     _pending: list[_Pending] = field(default_factory=list, init=False)
     _stack: list[str] = field(default_factory=list, init=False)
@@ -204,6 +196,10 @@ class Probes:
         self._pending.clear()
         self._inputs_recorded = False
         if not self.enabled:
+            return self
+        if self.scope == "io":
+            self._handles.append(self.root.register_forward_pre_hook(self._root_input_hook, with_kwargs=True))
+            self._handles.append(self.root.register_forward_hook(self._post_hook("")))
             return self
         modules = dict(self.root.named_modules())
         self._handles.append(self.root.register_forward_pre_hook(self._root_input_hook, with_kwargs=True))

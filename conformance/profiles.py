@@ -20,6 +20,21 @@ class Outliers:
 
 
 @dataclass(frozen=True)
+class WeightStress:
+    """Scale the synthetic weights named by ``keys`` (canonical layout of the family) by ``scale``: every element, or
+    only the output rows ``rows`` (dimension 0). How a stress profile reproduces what trained weights do and synthetic
+    ones do not: feed-forward rows that grow the massive channels, q/k norm gains that make the logits peaky."""
+
+    keys: tuple[str, ...]
+    scale: float
+    rows: tuple[int, ...] | None = None
+    components: tuple[str, ...] | None = None  # the components whose weights have these keys (None: every one)
+
+    def applies(self, component: str) -> bool:
+        return self.components is None or component in self.components
+
+
+@dataclass(frozen=True)
 class Sizes:
     image_grid: tuple[int, int]  # per frame, in packed tokens
     text_tokens: int
@@ -44,6 +59,8 @@ class Profile:
     modulation_scale: float = 1.0  # multiplies the block's conditioning vector (temb / vec / e): gates grow with it
     latent_nonfinite: tuple[float, ...] = ()  # VAE profiles: NaN / Inf values written into the latent
     applies_to: tuple[str, ...] | None = None  # components the profile is meant for (None: every one of the family)
+    weights: tuple[WeightStress, ...] = ()  # changes to the synthetic weights (goldens follow: they are keyed by profile)
+    references: int = 0  # edit-style reference images, each of image_grid, appended to the image tokens (Qwen edit)
 
     def applies(self, component: str) -> bool:
         return self.applies_to is None or component in self.applies_to
@@ -91,6 +108,19 @@ def _parse(family: str, name: str, raw: dict, path: Path) -> Profile:
         if len(channels) != len(values):
             raise ProfileError(f"{where}: outliers for stream {item['stream']!r} list {len(channels)} channels but {len(values)} values")
         outliers.append(Outliers(stream=item["stream"], channels=channels, values=values))
+    stresses = []
+    for i, item in enumerate(raw.get("weights", [])):
+        unknown = set(item) - {"keys", "scale", "rows", "components"}
+        if unknown or "keys" not in item or "scale" not in item:
+            raise ProfileError(f"{where}: weights[{i}] needs keys and scale (optionally rows, components); unknown fields {sorted(unknown)}")
+        stresses.append(
+            WeightStress(
+                tuple(item["keys"]),
+                float(item["scale"]),
+                tuple(int(r) for r in item["rows"]) if "rows" in item else None,
+                tuple(item["components"]) if "components" in item else None,
+            )
+        )
     return Profile(
         family=family,
         name=name,
@@ -104,6 +134,8 @@ def _parse(family: str, name: str, raw: dict, path: Path) -> Profile:
         modulation_scale=float(raw.get("modulation_scale", 1.0)),
         latent_nonfinite=tuple(float(v) for v in raw.get("latent_nonfinite", ())),
         applies_to=tuple(raw["applies_to"]) if "applies_to" in raw else None,
+        weights=tuple(stresses),
+        references=int(raw.get("references", 0)),
     )
 
 
@@ -120,7 +152,7 @@ def load_profiles(family: str, directory: Path = PROFILES_DIR) -> dict[str, Prof
             base = data.get(raw["base"])
             if base is None:
                 raise ProfileError(f"{path}: [{name}] is based on unknown profile {raw['base']!r}")
-            own_only = ("description", "provenance", "outliers", "modulation_scale", "latent_nonfinite", "applies_to")
+            own_only = ("description", "provenance", "outliers", "modulation_scale", "latent_nonfinite", "applies_to", "weights", "references")
             inherited = {k: v for k, v in base.items() if k not in own_only}
             raw = _merge(inherited, {k: v for k, v in raw.items() if k != "base"})
         profiles[name] = _parse(family, name, raw, path)

@@ -7,6 +7,7 @@ the verdict (``compare.judge``) -> a ``CaseResult``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections import OrderedDict
@@ -20,8 +21,9 @@ from . import compare
 from .backends import XCHECK, CallCounter
 from .case import Case
 from .expectations import ExpectedFailure, expected_failure_for
-from .families import component_module, family_precision, get_family, is_vae, profile_family
-from .families.common import synthetic_weights
+from .families import component_module, family_of, family_precision, get_family, is_vae, profile_family
+from .guards import GuardContext, GuardRun, get_policy
+from .families.common import apply_weight_stress, synthetic_weights
 from .goldens import Golden, GoldenChange, GoldenError, GoldenKey, GoldenMissing, GoldenStore, input_fingerprint, tensor_digest
 from .precision import Precision, get_precision
 from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
@@ -54,6 +56,7 @@ class ForwardRun:
     notes: list[str]
     guard_note: str | None
     tiled_outputs: dict[str, torch.Tensor] | None = None
+    guard: GuardRun | None = None  # the guard policy's record, when one was applied
 
 
 class _LRU(OrderedDict):
@@ -75,6 +78,7 @@ class Engine:
         self.options = options
         self.golden_changes: list[GoldenChange] = []
         self._weights = _LRU(2)
+        self._stressed = _LRU(1)
         self._inputs = _LRU(8)
         self._goldens = _LRU(8)
         self._reference: dict[tuple, dict | None] = {}
@@ -89,7 +93,8 @@ class Engine:
             return committed
         return self.options.local_store
 
-    def weights(self, component: str, scale: str) -> dict[str, torch.Tensor]:
+    def weights(self, component: str, scale: str, profile: str | None = None) -> dict[str, torch.Tensor]:
+        """Synthetic weights of a component; with a profile, after that profile's weight stresses (if any)."""
         key = (component, scale)
         if key not in self._weights:
             family = component_module(component)
@@ -97,13 +102,22 @@ class Engine:
             if scale != "tiny":
                 self.options.progress(f"generating synthetic {scale} weights for {component} ({sum(map(_numel, shapes.values())) / 1e6:.0f} M values)")
             self._weights.put(key, synthetic_weights(shapes, self.options.seed, family.FAMILY, family.INIT))
-        return self._weights[key]
+        base = self._weights[key]
+        stresses = [w for w in load_profiles(profile_family(component))[profile].weights if w.applies(component)] if profile else ()
+        if not stresses:
+            return base
+        stressed_key = (component, scale, profile)
+        if stressed_key not in self._stressed:
+            self._stressed.put(stressed_key, apply_weight_stress(base, stresses))
+        return self._stressed[stressed_key]
 
     def inputs(self, component: str, scale: str, profile: str) -> ComponentInputs:
         key = (component, scale, profile)
         if key not in self._inputs:
             prof = load_profiles(profile_family(component))[profile]
-            self._inputs.put(key, self.subject.inputs(component, scale, prof, self.weights(component, scale), self.options.seed))
+            built = self.subject.inputs(component, scale, prof, self.weights(component, scale, profile), self.options.seed)
+            built.profile = profile
+            self._inputs.put(key, built)
         return self._inputs[key]
 
     def golden(self, component: str, scale: str, profile: str) -> Golden:
@@ -111,7 +125,7 @@ class Engine:
         if key.id in self._goldens:
             return self._goldens[key.id]
         store = self.store_for(key)
-        weights = self.weights(component, scale)
+        weights = self.weights(component, scale, profile)
         inputs = self.inputs(component, scale, profile)
         weights_sha = tensor_digest(weights)
         command = self.options.golden_command(key)
@@ -158,19 +172,28 @@ class Engine:
         path: str | None = None,
         subject: Subject | None = None,
         tiled: bool = False,
+        guard: str = "none",
     ) -> ForwardRun:
-        """Build the component in ``precision`` (None: float64 golden), run it once under ``backend``."""
+        """Build the component in ``precision`` (None: float64 golden), run it once under ``backend`` (and ``guard``)."""
         subject = subject or self.subject
         device = device or self.options.device
-        built = subject.build(component, scale, precision, self.weights(component, scale), device)
+        weights = self.weights(component, scale, inputs.profile)
+        built = subject.build(component, scale, precision, weights, device)
         dtype = torch.float64 if precision is None else precision.activation_dtype
         kwargs = clone_tensors(subject.cast_inputs(inputs, dtype, device))
         counter = CallCounter()
         probe_set = Probes(built.module, built.boundary_names, built.input_probes, built.guards, enabled=probes, root_label=built.root_label)
+        policy = get_policy(guard)
+        guard_run = GuardRun(guard, device) if policy else None
+        if policy:
+            context = GuardContext(
+                family_of(component), component, precision.name, dtype, backend, subject.residual_streams(component), weights
+            )
+            kwargs = policy.prepare_inputs(kwargs, subject.cast_inputs(inputs, torch.float32, device), context, guard_run)
         try:
             with torch.no_grad(), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
                 kwargs = prepare(kwargs)
-                with probe_set:
+                with policy.apply(built.module, context, guard_run) if policy else contextlib.nullcontext(), probe_set:
                     _sync(device)
                     start = time.perf_counter()
                     if built.inputs_at_call:
@@ -190,7 +213,7 @@ class Engine:
             notes, guard_note = built.notes, built.guard_note
             del built, kwargs
             gc.collect()
-        return ForwardRun(outputs, records, counter, seconds, notes, guard_note, tiled_outputs)
+        return ForwardRun(outputs, records, counter, seconds, notes, guard_note, tiled_outputs, guard_run)
 
     def _other_paths_agree(self, case: Case, precision: Precision, inputs: ComponentInputs, outputs: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """In fp32, every other way the subject offers to force the backend must give the same bits."""
@@ -263,7 +286,10 @@ class Engine:
             if not self.subject.backend_support(ref, self.options.device, case.component).available:
                 self._reference[key] = None
             else:
-                run = self.forward(case.component, case.scale, family_precision(case.precision, case.family), ref, self.inputs(case.component, case.scale, case.profile), probes=False)
+                run = self.forward(
+                    case.component, case.scale, family_precision(case.precision, case.family), ref,
+                    self.inputs(case.component, case.scale, case.profile), probes=False, guard=case.guard,
+                )  # fmt: skip
                 self._reference[key] = {"backend": ref, "metrics": compare.worst(self._compare(case, golden, run.outputs))}
         return self._reference[key]
 
@@ -293,14 +319,16 @@ class Engine:
         precision = get_precision("fp32")
         inputs = self.inputs(case.component, case.scale, case.profile)
         ours = self.forward(case.component, case.scale, precision, self.subject.reference_backend, inputs, probes=False)
-        partner_inputs = ComponentInputs(kwargs=convert(case.component, inputs.kwargs, inputs.sizes["text_tokens"]), sizes=dict(inputs.sizes))
+        partner_inputs = ComponentInputs(
+            kwargs=convert(case.component, inputs.kwargs, inputs.sizes["text_tokens"]), sizes=dict(inputs.sizes), profile=inputs.profile
+        )
         theirs = self.forward(case.component, case.scale, precision, partner.reference_backend, partner_inputs, probes=False, subject=partner)
         per_output = self._metrics_by_output(case, theirs.outputs, ours.outputs)
         case_metrics = compare.worst(per_output)
         verdict = compare.judge_xcheck(per_output, compare.xcheck_budget(), ours.calls.as_dict(), theirs.calls.as_dict())
         partner_info = partner.info()
         # Not judged, reported: how our inputs differ from the ones the partner builds itself from the same profile.
-        own = partner.inputs(case.component, case.scale, load_profiles(case.family)[case.profile], self.weights(case.component, case.scale), self.options.seed)
+        own = partner.inputs(case.component, case.scale, load_profiles(case.family)[case.profile], self.weights(case.component, case.scale, case.profile), self.options.seed)
         input_diffs = _input_differences(partner_inputs.kwargs, own.kwargs)
         return CaseResult(
             case,
@@ -326,8 +354,6 @@ class Engine:
         if case.backend == XCHECK:
             return self.run_xcheck(case)
         start = time.perf_counter()
-        if case.guard != "none":
-            raise ValueError(f"guard {case.guard!r}: no guard policies exist yet")
         precision = family_precision(case.precision, case.family)
         vae = is_vae(case.component)
         budget = compare.budget_for(case.precision, kind="vae" if vae else None)
@@ -338,7 +364,7 @@ class Engine:
             return CaseResult(case, "failed", reason=str(error), failures=[str(error)], seconds=time.perf_counter() - start)
         inputs = self.inputs(case.component, case.scale, case.profile)
         paths = self.subject.backend_paths(case.component, case.backend)
-        run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0], tiled=vae)
+        run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0], tiled=vae, guard=case.guard)
         path_failures, path_notes = self._other_paths_agree(case, precision, inputs, run.outputs)
         per_output = self._compare(case, golden, run.outputs)
         case_metrics = compare.worst(per_output)
@@ -373,7 +399,8 @@ class Engine:
             expected_kernels=self.subject.expected_kernels(case.backend, precision, case.component),
             fallbacks=tuple(run.calls.fallbacks),
             expectation=self.options.ratchet.get(case.id),
-            masked_by_guard=bool(nonfinite and not output_nonfinite and run.guard_note),
+            masked_by_guard=bool(nonfinite and not output_nonfinite and (run.guard_note or run.guard)),
+            guard=case.guard,
             consistency_failures=tuple(path_failures),
             save_stage=save.as_dict() if save else None,
             tiled=tiled,
@@ -388,6 +415,12 @@ class Engine:
         notes = list(run.notes) + path_notes + verdict.notes
         if run.guard_note:
             notes.append(f"subject guard: {run.guard_note}")
+        if run.guard is not None:
+            policy = get_policy(case.guard)
+            touched = run.guard.total()
+            stats["guard"] = {"name": case.guard, "touched": touched, "touched_means": policy.touched_means, "description": policy.description}
+            notes.append(f"guard {case.guard}: {policy.description}; touched {touched} ({policy.touched_means})")
+            notes.extend(f"guard {case.guard}: {n}" for n in run.guard.notes)
         if nonfinite:
             nonfinite = {**nonfinite, "entered": nonfinite["module"] == "input", "masked_by_guard": evidence.masked_by_guard}
         if outputs_file:

@@ -188,6 +188,15 @@ def test_in_place_updates_of_flux_blocks_do_not_touch_the_inputs(eng):
     assert torch.equal(first.outputs["txt"], second.outputs["txt"])
 
 
+@pytest.mark.parametrize("guard", ["fp32_residual", "clip", "nan_to_num", "upcast_attention"])
+def test_guarded_runs_do_not_touch_the_inputs_either(eng, guard):
+    inputs = eng.inputs("flux.double", "tiny", "nominal")
+    before = {k: v.clone() for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)}
+    eng.forward("flux.double", "tiny", get_precision("fp16"), "sdpa", inputs, probes=False, guard=guard)
+    for key, value in before.items():
+        assert torch.equal(inputs.kwargs[key], value), key
+
+
 def test_comfyui_flux_guard_is_made_visible(eng):
     """fp16_overflow: the text stream overflows in the residual add; nan_to_num zeroes it; the report still says where."""
     from conformance.expectations import ExpectedFailure

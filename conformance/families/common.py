@@ -48,6 +48,24 @@ def synthetic_weights(
     return out
 
 
+def apply_weight_stress(weights: Mapping[str, torch.Tensor], stresses) -> dict[str, torch.Tensor]:
+    """A profile's weight stresses (``profiles.WeightStress``) applied to a copy of ``weights``."""
+    out = dict(weights)
+    for stress in stresses:
+        for key in stress.keys:
+            if key not in out:
+                near = sorted(k for k in out if k.split(".")[-1] == key.split(".")[-1])[:6]
+                raise KeyError(f"weight stress names {key!r}, which these weights lack (same-suffix keys: {near})")
+            tensor = out[key].clone()
+            if stress.rows is None:
+                tensor.mul_(stress.scale)
+            else:
+                rows = [r for r in stress.rows if r < tensor.shape[0]]
+                tensor[rows] *= stress.scale
+            out[key] = tensor
+    return out
+
+
 def apply_outliers(kwargs: dict, outliers, streams: Mapping[str, tuple[str, slice | None]]) -> dict:
     """Hold the profile's outlier channels of each residual stream at their values, for every token.
 

@@ -95,12 +95,18 @@ class RawInputs:
     context: torch.Tensor  # [1, text_tokens, joint_attention_dim]
     timestep: torch.Tensor  # [1]
     image_grid: tuple[int, int]  # (h, w) in packed tokens
+    references: tuple[torch.Tensor, ...] = ()  # edit-style reference latents, each shaped like ``latent``
 
     def packed_latent(self) -> torch.Tensor:
-        """2x2 patchify to [1, h*w, 64], channel order (c, dy, dx): diffusers' ``_pack_latents``, ComfyUI's ``process_img``."""
-        b, c, _, hh, ww = self.latent.shape
-        x = self.latent[:, :, 0].reshape(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (hh // 2) * (ww // 2), c * 4)
+        """The image tokens: the latent, then each reference, packed and concatenated (Qwen-Image-Edit's sequence)."""
+        return torch.cat([pack(x) for x in (self.latent, *self.references)], dim=1)
+
+
+def pack(latent: torch.Tensor) -> torch.Tensor:
+    """2x2 patchify to [1, h*w, 64], channel order (c, dy, dx): diffusers' ``_pack_latents``, ComfyUI's ``process_img``."""
+    b, c, _, hh, ww = latent.shape
+    x = latent[:, :, 0].reshape(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (hh // 2) * (ww // 2), c * 4)
 
 
 def raw_inputs(scale: str, profile: Profile, seed: int) -> RawInputs:
@@ -112,7 +118,10 @@ def raw_inputs(scale: str, profile: Profile, seed: int) -> RawInputs:
     context = normal(
         (1, sizes.text_tokens, dims.joint_attention_dim), seed, FAMILY, "input", scale, "context", std=profile.context_std
     )
-    return RawInputs(latent, context, torch.tensor([profile.timestep], dtype=torch.float32), (h, w))
+    references = tuple(
+        normal(latent.shape, seed, FAMILY, "input", scale, "reference", str(i), std=profile.latent_std) for i in range(profile.references)
+    )
+    return RawInputs(latent, context, torch.tensor([profile.timestep], dtype=torch.float32), (h, w), references)
 
 
 def comfyui_inputs_to_diffusers(component: str, kwargs: dict, text_tokens: int) -> dict:

@@ -61,6 +61,7 @@ class ComponentInputs:
 
     kwargs: dict[str, object]
     sizes: dict[str, int] = field(default_factory=dict)
+    profile: str | None = None  # whose weight stresses the component is built with (set by the engine)
 
 
 @dataclass
@@ -133,6 +134,10 @@ class Subject(ABC):
         adapter = getattr(self, "_components", {}).get(component)
         return getattr(adapter, "golden_backend", None) or self.golden_backend
 
+    def profile_reason(self, component: str, profile: Profile) -> str | None:
+        """Why this subject cannot build ``profile``'s inputs for ``component`` (None: it can)."""
+        return None
+
     def xcheck_reason(self, component: str) -> str | None:
         """Why ``component`` has no cross-subject check (None: it has one)."""
         return None
@@ -178,6 +183,13 @@ class Subject(ABC):
         self, module: nn.Module, backend: str, counter: CallCounter, path: str | None = None, component: str | None = None
     ) -> contextlib.AbstractContextManager[Callable[[dict], dict]]:
         """Force ``backend`` while the context is open; yields a function that prepares the component's kwargs."""
+
+    def residual_streams(self, component: str) -> tuple[str, ...]:
+        """Keyword names of the block's residual-stream inputs (what the fp32_residual guard keeps in fp32)."""
+        adapter = getattr(self, "_components", {}).get(component)
+        if adapter is None or not hasattr(adapter, "residual_streams"):
+            return ()
+        return adapter.residual_streams()
 
     def cast_inputs(self, inputs: ComponentInputs, dtype: torch.dtype, device: torch.device) -> dict[str, object]:
         return cast_tensors(inputs.kwargs, dtype, device)

@@ -64,6 +64,16 @@ class ComfyUISubject(Subject):
                 out[dist] = importlib.metadata.version(dist)
         return out
 
+    def profile_reason(self, component: str, profile: Profile) -> str | None:
+        adapter = self._components.get(component)
+        if profile.references and hasattr(adapter, "model_cls"):
+            import inspect
+
+            forward = getattr(adapter.model_cls, "_forward", adapter.model_cls.forward)
+            if "ref_latents" not in inspect.signature(forward).parameters:
+                return f"ComfyUI {self.comfy.version}'s {adapter.model_cls.__name__} takes no ref_latents (edit-style reference images)"
+        return None
+
     def xcheck_reason(self, component: str) -> str | None:
         if is_vae(component):
             return "xcheck: no cross-subject check for decoders (each subject's synthetic weights are keyed by its own tensor names)"

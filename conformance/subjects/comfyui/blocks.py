@@ -82,7 +82,7 @@ QWEN = BlockSpec(
     make_block=lambda m, d, dtype, device, ops: m.QwenImageTransformerBlock(
         dim=d.dim, num_attention_heads=d.heads, attention_head_dim=d.head_dim, dtype=dtype, device=device, operations=ops
     ),
-    model_call=lambda raw: ((raw.latent, raw.timestep, raw.context), {}),
+    model_call=lambda raw: ((raw.latent, raw.timestep, raw.context), {"ref_latents": list(raw.references)} if raw.references else {}),
     outputs=lambda out, sizes: {"txt": out[0], "img": out[1]},
     streams=lambda sizes: {"img": ("hidden_states", None), "txt": ("encoder_hidden_states", None)},
     modulation="temb",
@@ -254,6 +254,9 @@ class ComfyBlock:
     def _block(self, dims, dtype, device, ops):
         return self.spec.make_block(self.module, dims, dtype, device, ops)
 
+    def residual_streams(self) -> tuple[str, ...]:
+        return tuple(kwarg for kwarg, _ in self.spec.streams({"image_tokens": 0, "text_tokens": 0, "frames": 1}).values())
+
     def accepts_transformer_options(self) -> bool:
         block = self._block(self.spec.dims("tiny"), torch.float32, "meta", self.comfy.ops.disable_weight_init)
         return "transformer_options" in inspect.signature(block.forward).parameters
@@ -308,7 +311,7 @@ class ComfyBlock:
         with torch.no_grad():
             captured = capture_block_inputs(shell, lambda: model(*args, **kwargs))
         sizes = profile.sizes_for(scale)
-        sizes = {"image_tokens": sizes.image_tokens, "text_tokens": sizes.text_tokens, "frames": sizes.frames}
+        sizes = {"image_tokens": sizes.image_tokens * (1 + profile.references), "text_tokens": sizes.text_tokens, "frames": sizes.frames}
         captured = apply_outliers(captured, profile.outliers, self.spec.streams(sizes))
         captured = scale_modulation(captured, self.spec.modulation, profile.modulation_scale)
         return ComponentInputs(kwargs=captured, sizes=sizes)

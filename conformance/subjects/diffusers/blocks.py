@@ -74,7 +74,7 @@ def _qwen_call(raw: qwen.RawInputs, d) -> dict:
         encoder_hidden_states=raw.context,
         encoder_hidden_states_mask=None,
         timestep=raw.timestep,
-        img_shapes=[[(1, h, w)]],
+        img_shapes=[[(1, h, w)] * (1 + len(raw.references))],  # edit: each reference its own RoPE frame index
         return_dict=False,
     )
 
@@ -246,6 +246,9 @@ class DiffusersBlock:
         self.component = spec.component
         self.family = get_family(spec.component.split(".")[0])
 
+    def residual_streams(self) -> tuple[str, ...]:
+        return tuple(self.spec.streams.values())
+
     def _classes(self):
         module = importlib.import_module(self.spec.module)
         return getattr(module, self.spec.model_class), getattr(module, self.spec.block_class)
@@ -320,7 +323,8 @@ class DiffusersBlock:
 
 def _sizes(profile: Profile, scale: str) -> dict[str, int]:
     sizes = profile.sizes_for(scale)
-    return {"image_tokens": sizes.image_tokens, "text_tokens": sizes.text_tokens, "frames": sizes.frames}
+    # edit-style references add image tokens of the same grid (only Qwen's profiles have them; its streams are not split)
+    return {"image_tokens": sizes.image_tokens * (1 + profile.references), "text_tokens": sizes.text_tokens, "frames": sizes.frames}
 
 
 def _names(family, subject: str, component: str) -> Mapping[str, str]:

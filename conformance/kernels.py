@@ -1,0 +1,373 @@
+"""Guarded kernels: a tensor's finiteness statistics, and a clamp that reports what it repaired, each in one pass.
+
+``finite_stats`` is what the probes record at every boundary (``probes.tensor_stats``); ``clamp_with_stats`` is what a
+subject's guard does (diffusers' ``x.clip(-65504, 65504)``, ComfyUI's ``torch.nan_to_num(x, nan=0, posinf=65504,
+neginf=-65504)`` in fp16) together with what the guard spy wants to know about it. In torch each is several full
+passes over the tensor (``isfinite`` alone is four kernels, then ``isnan``, ``where`` + ``amax``, ``==``, the clamp
+and a comparison for the changed count); at real scale that is most of the probes' cost. On CUDA, with triton, the
+kernels here read each element once (and write it once, for the clamp), and keep every count exact.
+
+Statistics come back as a float64 tensor on the input's device, never synchronised with the host:
+``[nonfinite, nan, max finite |x|, saturated]`` exactly as ``tensor_stats`` defines them (saturated counts
+``|x| == finfo(dtype).max``; the max of an empty or all-non-finite tensor is 0), and for the clamp a fifth entry,
+``touched``: how many elements the clamp changed (a NaN left NaN is unchanged, and -0.0 equals 0.0). Counts are exact
+integers below 2**53.
+
+The clamp's bounds and replacement are values of the tensor's dtype: ``limit`` and ``nan`` are rounded to it first
+(``dtype_value``), so every path compares and selects the same numbers. Out-of-place only; no autograd (a guard runs
+in inference). NaN payloads are not part of the contract: torch's own bf16 clamp canonicalises them.
+
+Layouts, on the triton path: the statistics do not depend on element order, so a tensor whose elements fill one
+gap-free block of memory in any dimension order (contiguous, transposed, permuted) is read in place through
+``memory_order_view``, and the clamp writes an output with the same strides. Anything else (a strided slice, an
+expanded tensor) is first copied with ``.contiguous()``, an extra read and write, and the clamp's output is contiguous.
+The torch path takes every layout as torch does.
+"""
+
+# No `from __future__ import annotations` here: triton reads a kernel's `tl.constexpr` annotations, and evaluated ones
+# are the form every triton version accepts. (The annotations outside the kernels are valid at runtime in 3.11.)
+import contextlib
+import functools
+import importlib.util
+import math
+import os
+import types
+from dataclasses import dataclass
+
+import torch
+
+IMPLS = ("auto", "torch", "triton")
+STATS = ("nonfinite", "nan", "max_abs", "saturated")
+CLAMP_STATS = (*STATS, "touched")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Launch shape of the triton kernels; the first knobs to tune on a GPU (benchmarks/test_kernels_bench.py).
+VECTOR_BYTES = 16  # one thread's load: 8 fp16/bf16 or 4 fp32 elements, reduced in registers before accumulating
+TILE_BYTES = 16384  # what one program reads per loop step: four vectors per thread with 8 warps
+NUM_WARPS = 8
+PROGRAMS_PER_SM = 8  # persistent grid: at most this many programs per SM, each striding over the tensor's tiles
+INTERPRETER_PROGRAMS = 3  # under TRITON_INTERPRET=1 there are no SMs; an odd count makes the grid-stride loop uneven
+
+
+def finite_stats(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """``[nonfinite, nan, max finite |x|, saturated]`` of ``x`` as a float64 tensor on its device (no host sync)."""
+    _require_floating(x)
+    if select_impl(x, impl) == "triton":
+        return _triton_stats(x, None, None)[1]
+    return _torch_finite_stats(x.detach())
+
+
+def clamp_with_stats(
+    x: torch.Tensor, limit: float | None = None, nan: float | None = None, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` clamped to ``[-limit, limit]`` (default: the dtype's max, so ±inf become ±max), with NaN replaced by
+    ``nan`` unless it is None (then NaN passes through, as in ``torch.clamp``); and the statistics of the input plus
+    the count of elements changed, ``[nonfinite, nan, max finite |x|, saturated, touched]`` (float64, no host sync).
+
+    ``limit=None, nan=v`` is ``torch.nan_to_num(x, nan=v)``; ``limit=65504`` on fp16 is diffusers' clip. A ``nan``
+    that is itself NaN replaces nothing.
+    """
+    _require_floating(x)
+    if limit is not None and not limit >= 0:  # `not >=` also refuses NaN
+        raise ValueError(f"limit must be a non-negative number or None, not {limit!r}")
+    bound = dtype_value(torch.finfo(x.dtype).max if limit is None else abs(limit), x.dtype)  # abs: -0.0 is 0.0
+    replacement = None if nan is None or math.isnan(nan) else dtype_value(nan, x.dtype)
+    if select_impl(x, impl) == "triton":
+        return _triton_stats(x, bound, replacement)
+    return _torch_clamp_with_stats(x.detach(), bound, replacement)
+
+
+def select_impl(x: torch.Tensor, impl: str = "auto") -> str:
+    """``"triton"`` or ``"torch"``: what ``impl`` means for ``x``. ``auto`` takes triton wherever it can run it (a CUDA
+    tensor of a supported dtype, triton installed); ``torch`` forces the torch path (comparisons, benchmarks);
+    ``triton`` forces the kernels and raises where they cannot run, so a test never passes on the wrong path."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
+    if impl == "torch":
+        return "torch"
+    reason = triton_unusable(x)
+    if impl == "triton" and reason:
+        raise RuntimeError(f"impl='triton': {reason}")
+    if impl == "auto" and (reason or x.device.type != "cuda"):  # the interpreter is for checking kernels, not speed
+        return "torch"
+    return "triton"
+
+
+def triton_unusable(x: torch.Tensor) -> str | None:
+    """Why the triton kernels cannot take ``x``, or None. On CPU they run only under triton's interpreter."""
+    if not triton_available():
+        return "triton is not installed"
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and triton_interpreter()):
+        return f"the kernels run on CUDA (or on CPU with TRITON_INTERPRET=1); this tensor is on {x.device}"
+    if x.dtype not in TRITON_DTYPES:
+        return f"the kernels take {', '.join(str(d) for d in TRITON_DTYPES)}; this tensor is {x.dtype}"
+    return None
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter() -> bool:
+    """Whether triton runs kernels in its interpreter (``TRITON_INTERPRET=1``): on CPU tensors, slowly, exactly."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def dtype_value(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` as torch rounds a float64 (overflowing to ±inf), as a Python float."""
+    return _rounded(float(value).hex(), dtype)
+
+
+# Host-side conversions are cached: a guard calls with the same few bounds every time, and each conversion through a
+# torch tensor costs microseconds that a 50-microsecond kernel would feel. The key is the value's hex form, which,
+# unlike the float, tells -0.0 from 0.0.
+@functools.lru_cache(maxsize=1024)
+def _rounded(value_hex: str, dtype: torch.dtype) -> float:
+    return torch.tensor(float.fromhex(value_hex), dtype=torch.float64).to(dtype).item()
+
+
+def memory_order_view(x: torch.Tensor) -> torch.Tensor | None:
+    """``x``'s elements as a 1-D view in memory order, when they fill one gap-free block of memory (any dimension order);
+    None when they do not (a strided slice, an expanded dimension)."""
+    expected_stride = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(x.shape, x.stride()) if size != 1):
+        if stride != expected_stride:
+            return None
+        expected_stride *= size
+    return x.as_strided((x.numel(),), (1,))
+
+
+def _require_floating(x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"the guarded kernels take floating-point tensors, not {x.dtype}")
+
+
+# -- torch path: every device and floating dtype; the fallback, and the baseline the benchmarks compare against ------
+
+
+def _torch_finite_stats(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.zeros(len(STATS), dtype=torch.float64, device=x.device)
+    magnitude = x.abs()
+    finite = magnitude < math.inf  # False for NaN and ±inf: one comparison where isfinite is four kernels
+    return torch.stack(
+        [
+            (~finite).sum(dtype=torch.float64),
+            (magnitude != magnitude).sum(dtype=torch.float64),
+            torch.where(finite, magnitude, 0.0).amax().double(),
+            (magnitude == torch.finfo(x.dtype).max).sum(dtype=torch.float64),
+        ]
+    )
+
+
+def _torch_clamp_with_stats(x: torch.Tensor, bound: float, replacement: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    stats = _torch_finite_stats(x)
+    out = x.clamp(-bound, bound)
+    touched = (x.abs() > bound).sum(dtype=torch.float64)  # a clamp changes exactly the values beyond its bound
+    if replacement is not None:
+        out.masked_fill_(torch.isnan(x), replacement)
+        touched = touched + stats[1]
+    return out, torch.cat([stats, touched.reshape(1)])
+
+
+# -- triton path -----------------------------------------------------------------------------------------------------
+
+
+def _triton_stats(x: torch.Tensor, bound: float | None, replacement: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernels on ``x``: the statistics alone when ``bound`` is None, else the clamp too. Returns (out, stats);
+    out is ``x`` itself when there is no clamp."""
+    x = x.detach()
+    clamp = bound is not None
+    stats_count = len(CLAMP_STATS) if clamp else len(STATS)
+    source = memory_order_view(x)
+    if not clamp:
+        out, target = x, None
+    elif source is not None:
+        out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        target = memory_order_view(out)
+    else:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        target = out.view(-1)
+    if source is None:
+        source = x.contiguous().view(-1)
+    if x.numel() == 0:
+        return out, torch.zeros(stats_count, dtype=torch.float64, device=x.device)
+
+    patterns = bit_patterns(x.dtype)
+    limit_bits = _bits(bound, x.dtype) if clamp else patterns.infinity
+    kernels = _triton_kernels()
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        block = TILE_BYTES // x.element_size()
+        max_programs = _max_programs(x.device)
+        programs = min(-(-source.numel() // block), max_programs)
+        partials = torch.empty((stats_count, programs), dtype=torch.float64, device=x.device)
+        stats = torch.empty(stats_count, dtype=torch.float64, device=x.device)
+        kernels.stats_partials[(programs,)](
+            source,
+            source if target is None else target,
+            partials,
+            source.numel(),
+            min(patterns.max, limit_bits + 1),  # a tile whose largest magnitude is below this has nothing to do
+            limit_bits,
+            _bits(-bound, x.dtype) if clamp else 0,
+            0 if replacement is None else _bits(replacement, x.dtype),
+            BITS=8 * x.element_size(),
+            INF_BITS=patterns.infinity,
+            MAX_BITS=patterns.max,
+            CLAMP=clamp,
+            REPLACE_NAN=replacement is not None,
+            BLOCK=block,
+            VEC=VECTOR_BYTES // x.element_size(),
+            num_warps=NUM_WARPS,
+        )
+        kernels.reduce_partials[(1,)](
+            partials, stats, programs, NUM_STATS=stats_count, BLOCK_P=kernels.next_power_of_2(max_programs)
+        )
+    return out, stats
+
+
+@dataclass(frozen=True)
+class BitPatterns:
+    """Magnitude bit patterns of a float dtype, as integers: for non-negative floats, integer order is value order, so
+    ``bits & (2**(width-1) - 1)`` compared with these classifies a value with integer operations alone."""
+
+    max: int  # the largest finite value; a magnitude above it is inf, or NaN above ``infinity``
+    infinity: int
+
+
+@functools.cache
+def bit_patterns(dtype: torch.dtype) -> BitPatterns:
+    return BitPatterns(max=_bits(torch.finfo(dtype).max, dtype), infinity=_bits(math.inf, dtype))
+
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(value: float, dtype: torch.dtype) -> int:
+    """The bits of ``value`` in ``dtype`` as a signed integer of the same width (negative exactly when the sign is)."""
+    return _bits_of_hex(float(value).hex(), dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bits_of_hex(value_hex: str, dtype: torch.dtype) -> int:
+    return torch.tensor(float.fromhex(value_hex), dtype=dtype).view(_SAME_WIDTH_INT[dtype.itemsize]).item()
+
+
+def _max_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) * PROGRAMS_PER_SM
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _triton_kernels() -> types.SimpleNamespace:
+    """The kernels, defined (and triton imported) on first use, so that importing this module never needs triton.
+
+    ``stats_partials`` runs a persistent grid: program ``p`` of ``P`` reads tiles ``p, p + P, ...`` of ``BLOCK``
+    elements, each element once, and works on their bits: ``bits & ABS`` is the magnitude, and integer comparisons
+    with the dtype's max and inf patterns classify it (a NaN's magnitude is above inf's). A tile is
+    ``[BLOCK // VEC, VEC]``, one row per thread's 16-byte vector, so row reductions stay in registers and the
+    accumulators are per row (few registers: more programs resident, more loads in flight).
+
+    Most tiles hold nothing at or beyond the dtype's max and nothing for the clamp to change: one max over the
+    magnitudes decides that, and such a tile costs a mask and a max per element (the clamp stores it unchanged). Only
+    a tile holding such a value pays for the per-element counts and selects. Counts accumulate in int32 (a row adds
+    at most ``VEC`` per tile: no overflow below 2**28 tiles), the max as magnitude bits (exact). With ``CLAMP`` the
+    program writes every tile: values beyond the bound become the bound with their sign, NaN the replacement.
+
+    At the end each program reduces its rows (int64 counts) and stores one float64 column of the ``[stats, P]``
+    partials; ``reduce_partials``, one program, sums the counts and takes the max across programs (float64: exact
+    below 2**53). Two launches, no atomics, no zero-fill, deterministic.
+
+    ``tl`` is bound as a module global because triton resolves the names a kernel uses in its ``__globals__``.
+    """
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def stats_partials(
+        x_ptr,
+        out_ptr,
+        partials_ptr,
+        n,
+        fast_below,
+        limit_bits,
+        negative_limit_bits,
+        nan_bits,
+        BITS: tl.constexpr,
+        INF_BITS: tl.constexpr,
+        MAX_BITS: tl.constexpr,
+        CLAMP: tl.constexpr,
+        REPLACE_NAN: tl.constexpr,
+        BLOCK: tl.constexpr,
+        VEC: tl.constexpr,
+    ):
+        same_width_int = tl.int16 if BITS == 16 else tl.int32
+        program = tl.program_id(0).to(tl.int64)  # int64 tile indices and offsets: tensors past 2**31 elements
+        programs = tl.num_programs(0)
+        lanes = tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        nonfinite = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+        nan = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+        saturated = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+        touched = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+        max_bits = tl.zeros([BLOCK // VEC], dtype=tl.int32)  # largest finite magnitude, as bits
+        for tile in range(program, tl.cdiv(n, BLOCK), programs):
+            offsets = tile * BLOCK + lanes
+            in_bounds = offsets < n
+            raw = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0)
+            bits = raw.to(same_width_int, bitcast=True).to(tl.int32)  # sign-extended: negative iff the sign bit is set
+            magnitude = bits & ((1 << (BITS - 1)) - 1)
+            row_max = tl.max(magnitude, axis=1)
+            out = raw
+            if tl.max(row_max, axis=0) < fast_below:
+                max_bits = tl.maximum(max_bits, row_max)
+            else:
+                finite = magnitude < INF_BITS
+                is_nan = magnitude > INF_BITS
+                nonfinite += tl.sum(1 - finite.to(tl.int32), axis=1)
+                nan += tl.sum(is_nan.to(tl.int32), axis=1)
+                saturated += tl.sum((magnitude == MAX_BITS).to(tl.int32), axis=1)
+                max_bits = tl.maximum(max_bits, tl.max(tl.where(finite, magnitude, 0), axis=1))
+                if CLAMP:
+                    changed = (magnitude > limit_bits) & (magnitude <= INF_BITS)  # beyond the bound, not NaN
+                    out_bits = tl.where(changed, tl.where(bits < 0, negative_limit_bits, limit_bits), bits)
+                    if REPLACE_NAN:
+                        out_bits = tl.where(is_nan, nan_bits, out_bits)
+                        changed = changed | is_nan
+                    touched += tl.sum(changed.to(tl.int32), axis=1)
+                    out = out_bits.to(same_width_int).to(raw.dtype, bitcast=True)
+            if CLAMP:
+                tl.store(out_ptr + offsets, out, mask=in_bounds)
+        largest_bits = tl.max(max_bits, axis=0)
+        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is float32's upper half: widened exactly, subnormals too
+            largest = (largest_bits << 16).to(tl.float32, bitcast=True)
+        else:
+            largest = largest_bits.to(same_width_int).to(x_ptr.dtype.element_ty, bitcast=True)
+        column = partials_ptr + program
+        tl.store(column, tl.sum(nonfinite.to(tl.int64), axis=0).to(tl.float64))
+        tl.store(column + programs, tl.sum(nan.to(tl.int64), axis=0).to(tl.float64))
+        tl.store(column + 2 * programs, largest.to(tl.float64))
+        tl.store(column + 3 * programs, tl.sum(saturated.to(tl.int64), axis=0).to(tl.float64))
+        if CLAMP:
+            tl.store(column + 4 * programs, tl.sum(touched.to(tl.int64), axis=0).to(tl.float64))
+
+    @triton.jit
+    def reduce_partials(partials_ptr, stats_ptr, programs, NUM_STATS: tl.constexpr, BLOCK_P: tl.constexpr):
+        lanes = tl.arange(0, BLOCK_P)
+        for stat in tl.static_range(NUM_STATS):
+            values = tl.load(partials_ptr + stat * programs + lanes, mask=lanes < programs, other=0.0)
+            if stat == 2:  # max finite |x|; every other row is a count
+                tl.store(stats_ptr + stat, tl.max(values, axis=0))
+            else:
+                tl.store(stats_ptr + stat, tl.sum(values, axis=0))
+
+    return types.SimpleNamespace(
+        stats_partials=stats_partials, reduce_partials=reduce_partials, next_power_of_2=triton.next_power_of_2
+    )
