@@ -29,6 +29,7 @@ The torch path takes every layout as torch does.
 import contextlib
 import functools
 import importlib.util
+import itertools
 import math
 import os
 import types
@@ -55,6 +56,34 @@ def finite_stats(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if select_impl(x, impl) == "triton":
         return _triton_stats(x, None, None)[1]
     return _torch_finite_stats(x.detach())
+
+
+def finite_stats_many(tensors: list[torch.Tensor], impl: str = "auto") -> torch.Tensor:
+    """``finite_stats`` of every tensor, as a ``[len(tensors), 4]`` float64 tensor (no host sync). On CUDA with triton,
+    the tensors of one dtype are read by one launch (plus a one-program reduction): what the probes call once per
+    forward, so that watching every module costs a read of its output and not a Python-launched kernel per output.
+    Every tensor must be on the same device."""
+    if not tensors:
+        return torch.zeros((0, len(STATS)), dtype=torch.float64)
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        raise ValueError("finite_stats_many: tensors on several devices")
+    for t in tensors:
+        _require_floating(t)
+    out = [None] * len(tensors)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if select_impl(t, impl) == "triton":
+            groups.setdefault(t.dtype, []).append(i)
+        else:
+            out[i] = _torch_finite_stats(t.detach())
+    if len(groups) == 1 and len(next(iter(groups.values()))) == len(tensors):
+        return _triton_stats_many(tensors)  # one dtype, all on triton: the rows are already in order
+    for dtype, indices in groups.items():
+        stats = _triton_stats_many([tensors[i] for i in indices])
+        for row, i in enumerate(indices):
+            out[i] = stats[row]
+    return torch.stack(out)
 
 
 def clamp_with_stats(
@@ -203,28 +232,86 @@ def _triton_stats(x: torch.Tensor, bound: float | None, replacement: float | Non
         programs = min(-(-source.numel() // block), max_programs)
         partials = torch.empty((stats_count, programs), dtype=torch.float64, device=x.device)
         stats = torch.empty(stats_count, dtype=torch.float64, device=x.device)
-        kernels.stats_partials[(programs,)](
-            source,
-            source if target is None else target,
-            partials,
-            source.numel(),
-            min(patterns.max, limit_bits + 1),  # a tile whose largest magnitude is below this has nothing to do
-            limit_bits,
-            _bits(-bound, x.dtype) if clamp else 0,
-            0 if replacement is None else _bits(replacement, x.dtype),
-            BITS=8 * x.element_size(),
-            INF_BITS=patterns.infinity,
-            MAX_BITS=patterns.max,
-            CLAMP=clamp,
-            REPLACE_NAN=replacement is not None,
-            BLOCK=block,
-            VEC=VECTOR_BYTES // x.element_size(),
-            num_warps=NUM_WARPS,
-        )
+        if not clamp:
+            kernels.stats_only[(programs,)](
+                source, partials, source.numel(), BITS=8 * x.element_size(), INF_BITS=patterns.infinity,
+                MAX_BITS=patterns.max, BLOCK=block, VEC=VECTOR_BYTES // x.element_size(), num_warps=NUM_WARPS,
+            )  # fmt: skip
+        else:
+            kernels.stats_partials[(programs,)](
+                source,
+                source if target is None else target,
+                partials,
+                source.numel(),
+                min(patterns.max, limit_bits + 1),  # a tile whose largest magnitude is below this has nothing to do
+                limit_bits,
+                _bits(-bound, x.dtype) if clamp else 0,
+                0 if replacement is None else _bits(replacement, x.dtype),
+                BITS=8 * x.element_size(),
+                INF_BITS=patterns.infinity,
+                MAX_BITS=patterns.max,
+                CLAMP=clamp,
+                REPLACE_NAN=replacement is not None,
+                BLOCK=block,
+                VEC=VECTOR_BYTES // x.element_size(),
+                num_warps=NUM_WARPS,
+            )
         kernels.reduce_partials[(1,)](
             partials, stats, programs, NUM_STATS=stats_count, BLOCK_P=kernels.next_power_of_2(max_programs)
         )
     return out, stats
+
+
+def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One ``stats_many`` launch over tensors of one dtype, plus one ``reduce_many``. The persistent grid is shared out
+    in proportion to size: tensor ``t`` gets ``count[t]`` programs (at least one), and program ``g`` finds its tensor
+    in the table by the first program of each. Pointers travel as element offsets from the first tensor, so that when
+    every tensor is 16-byte aligned the kernel can be told so and load 16-byte vectors (a pointer read from memory
+    carries no alignment the compiler could see)."""
+    x0 = tensors[0]
+    sources, keep = [], []
+    for t in tensors:
+        t = t.detach()
+        view = t if t.is_contiguous() else memory_order_view(t)
+        if view is None:
+            view = t.contiguous()
+            keep.append(view)  # alive until the kernel has read it
+        sources.append(view)
+    size = x0.element_size()
+    block = TILE_BYTES // size
+    base = sources[0].data_ptr()
+    pointers = [v.data_ptr() for v in sources]
+    numels = [v.numel() for v in sources]
+    tiles = [-(-n // block) for n in numels]
+    max_programs = _max_programs(x0.device)
+    total_tiles = max(1, sum(tiles))
+    counts = [max(1, min(t, max_programs * t // total_tiles)) for t in tiles]
+    firsts = list(itertools.accumulate(counts, initial=0))
+    table = torch.tensor([[(p - base) // size for p in pointers], numels, firsts[:-1], counts], dtype=torch.int64)
+    patterns = bit_patterns(x0.dtype)
+    kernels = _triton_kernels()
+    with torch.cuda.device(x0.device) if x0.device.type == "cuda" else contextlib.nullcontext():
+        table = table.to(x0.device, non_blocking=True)
+        partials = torch.empty((len(STATS), firsts[-1]), dtype=torch.float64, device=x0.device)
+        stats = torch.empty((len(sources), len(STATS)), dtype=torch.float64, device=x0.device)
+        kernels.stats_many[(firsts[-1],)](
+            sources[0],
+            table,
+            partials,
+            len(sources),
+            firsts[-1],
+            BITS=8 * size,
+            INF_BITS=patterns.infinity,
+            MAX_BITS=patterns.max,
+            ALIGNED=all(p % VECTOR_BYTES == 0 for p in pointers),
+            BLOCK=block,
+            BLOCK_T=kernels.next_power_of_2(len(sources)),
+            VEC=VECTOR_BYTES // size,
+            num_warps=NUM_WARPS,
+        )
+        kernels.reduce_many[(len(sources),)](partials, table, stats, len(sources), firsts[-1], BLOCK_P=kernels.next_power_of_2(max(counts)))
+    del keep  # the caching allocator keeps the copies' memory reserved for the stream until the kernel has run
+    return stats
 
 
 @dataclass(frozen=True)
@@ -287,9 +374,74 @@ def _triton_kernels() -> types.SimpleNamespace:
 
     ``tl`` is bound as a module global because triton resolves the names a kernel uses in its ``__globals__``.
     """
-    global tl
+    global tl, finite_stats_of_tiles
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def finite_stats_of_tiles(
+        x_ptr, n, program, programs, BITS: tl.constexpr, INF_BITS: tl.constexpr, MAX_BITS: tl.constexpr,
+        BLOCK: tl.constexpr, VEC: tl.constexpr,
+    ):
+        # Program `program` of `programs` over tiles program, program + programs, ... of x (n elements). First pass:
+        # the largest magnitude, NaN and inf included, one max per element, the full tiles unmasked (vector loads)
+        # and no barrier in the loop. Only when that is at or beyond the dtype's max (a saturated, infinite or NaN
+        # value: rare) does the program count exactly, reading its tiles again. Returns (nonfinite, nan, largest
+        # finite |x| as float64, saturated).
+        same_width_int = tl.int16 if BITS == 16 else tl.int32
+        lanes = tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        full = n // BLOCK
+        max_bits = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+        for tile in range(program, full, programs):
+            raw = tl.load(x_ptr + tile * BLOCK + lanes)
+            bits = raw.to(same_width_int, bitcast=True).to(tl.int32)
+            max_bits = tl.maximum(max_bits, tl.max(bits & ((1 << (BITS - 1)) - 1), axis=1))
+        if (n % BLOCK != 0) & (program == full % programs):
+            offsets = full * BLOCK + lanes
+            raw = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
+            bits = raw.to(same_width_int, bitcast=True).to(tl.int32)
+            max_bits = tl.maximum(max_bits, tl.max(bits & ((1 << (BITS - 1)) - 1), axis=1))
+        largest_bits = tl.max(max_bits, axis=0)
+        nonfinite = program * 0
+        nan = program * 0
+        saturated = program * 0
+        if largest_bits >= MAX_BITS:
+            counts_nonfinite = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+            counts_nan = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+            counts_saturated = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+            finite_bits = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+            for tile in range(program, tl.cdiv(n, BLOCK), programs):
+                offsets = tile * BLOCK + lanes
+                raw = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
+                magnitude = raw.to(same_width_int, bitcast=True).to(tl.int32) & ((1 << (BITS - 1)) - 1)
+                finite = magnitude < INF_BITS
+                counts_nonfinite += tl.sum(1 - finite.to(tl.int32), axis=1)
+                counts_nan += tl.sum((magnitude > INF_BITS).to(tl.int32), axis=1)
+                counts_saturated += tl.sum((magnitude == MAX_BITS).to(tl.int32), axis=1)
+                finite_bits = tl.maximum(finite_bits, tl.max(tl.where(finite, magnitude, 0), axis=1))
+            nonfinite = tl.sum(counts_nonfinite.to(tl.int64), axis=0)
+            nan = tl.sum(counts_nan.to(tl.int64), axis=0)
+            saturated = tl.sum(counts_saturated.to(tl.int64), axis=0)
+            largest_bits = tl.max(finite_bits, axis=0)
+        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is float32's upper half: widened exactly, subnormals too
+            largest = (largest_bits << 16).to(tl.float32, bitcast=True)
+        else:
+            largest = largest_bits.to(same_width_int).to(x_ptr.dtype.element_ty, bitcast=True)
+        return nonfinite, nan, largest.to(tl.float64), saturated
+
+    @triton.jit
+    def stats_only(
+        x_ptr, partials_ptr, n, BITS: tl.constexpr, INF_BITS: tl.constexpr, MAX_BITS: tl.constexpr,
+        BLOCK: tl.constexpr, VEC: tl.constexpr,
+    ):
+        program = tl.program_id(0).to(tl.int64)  # int64 tile indices and offsets: tensors past 2**31 elements
+        programs = tl.num_programs(0)
+        nonfinite, nan, largest, saturated = finite_stats_of_tiles(x_ptr, n, program, programs, BITS, INF_BITS, MAX_BITS, BLOCK, VEC)
+        column = partials_ptr + program
+        tl.store(column, nonfinite.to(tl.float64))
+        tl.store(column + programs, nan.to(tl.float64))
+        tl.store(column + 2 * programs, largest)
+        tl.store(column + 3 * programs, saturated.to(tl.float64))
 
     @triton.jit
     def stats_partials(
@@ -368,6 +520,60 @@ def _triton_kernels() -> types.SimpleNamespace:
             else:
                 tl.store(stats_ptr + stat, tl.sum(values, axis=0))
 
+    @triton.jit
+    def stats_many(
+        base_ptr,  # the first tensor: every tensor's address is an element offset from it
+        table_ptr,  # int64 [4, T]: element offsets, element counts, first program, programs
+        partials_ptr,  # float64 [4, G]: one column per program
+        tensors,
+        grid,
+        BITS: tl.constexpr,
+        INF_BITS: tl.constexpr,
+        MAX_BITS: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        VEC: tl.constexpr,
+    ):
+        # The statistics of stats_partials, for the tensor that owns program_id(0) in a table of tensors.
+        program = tl.program_id(0).to(tl.int64)
+        entries = tl.arange(0, BLOCK_T)
+        firsts = tl.load(table_ptr + 2 * tensors + entries, mask=entries < tensors, other=grid)
+        which = tl.sum((firsts <= program).to(tl.int64), axis=0) - 1
+        offset = tl.load(table_ptr + which)
+        if ALIGNED:
+            offset = tl.multiple_of(offset, VEC)
+        n = tl.load(table_ptr + tensors + which)
+        first = tl.load(table_ptr + 2 * tensors + which)
+        programs = tl.load(table_ptr + 3 * tensors + which)
+        nonfinite, nan, largest, saturated = finite_stats_of_tiles(
+            base_ptr + offset, n, program - first, programs, BITS, INF_BITS, MAX_BITS, BLOCK, VEC
+        )
+        column = partials_ptr + program
+        tl.store(column, nonfinite.to(tl.float64))
+        tl.store(column + grid, nan.to(tl.float64))
+        tl.store(column + 2 * grid, largest)
+        tl.store(column + 3 * grid, saturated.to(tl.float64))
+
+    @triton.jit
+    def reduce_many(partials_ptr, table_ptr, stats_ptr, tensors, grid, BLOCK_P: tl.constexpr):
+        which = tl.program_id(0).to(tl.int64)
+        first = tl.load(table_ptr + 2 * tensors + which)
+        programs = tl.load(table_ptr + 3 * tensors + which)
+        lanes = tl.arange(0, BLOCK_P)
+        for stat in tl.static_range(4):
+            values = tl.load(partials_ptr + stat * grid + first + lanes, mask=lanes < programs, other=0.0)
+            if stat == 2:
+                tl.store(stats_ptr + which * 4 + stat, tl.max(values, axis=0))
+            else:
+                tl.store(stats_ptr + which * 4 + stat, tl.sum(values, axis=0))
+
     return types.SimpleNamespace(
-        stats_partials=stats_partials, reduce_partials=reduce_partials, next_power_of_2=triton.next_power_of_2
+        stats_partials=stats_partials,
+        stats_only=stats_only,
+        reduce_partials=reduce_partials,
+        stats_many=stats_many,
+        reduce_many=reduce_many,
+        element_types={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32},
+        next_power_of_2=triton.next_power_of_2,
     )

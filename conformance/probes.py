@@ -20,6 +20,13 @@ Boundaries are
   attributed to the module whose forward called it.
 
 The first record, in firing order, holding a non-finite value names the module where the bad value was born.
+
+Cost. A module output's statistics are read in one batch after the forward (``kernels.finite_stats_many``: one read
+of every output, one launch per dtype on CUDA), not by a kernel per output launched from its hook: a hook keeps a
+reference and the tensor's version counter. A tensor its block changed in place after the boundary is marked
+``changed_in_place`` (its numbers are of the later values) and is not taken as the first non-finite. The component's
+inputs and the declared intermediate inputs, which blocks do update in place, are read when they are seen. Pending
+outputs are read early once they hold 1 GiB, to bound the memory held.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .kernels import finite_stats
+from .kernels import finite_stats, finite_stats_many
 
 ROOT = "block"
 INPUT = "input"
@@ -76,6 +83,9 @@ class BoundaryRecord:
     saturated: int
     headroom: float | None  # dtype max / max finite |x|; None when the tensor is all zeros
     touched: int | None = None  # for a guard's input: how many values the guard changed
+    # the tensor was changed in place after this boundary and before its statistics were read: they describe the
+    # later values (the probes read module outputs in one batch, see Probes)
+    changed_in_place: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +110,15 @@ class _Pending:
     tensor: str
     dtype: torch.dtype
     shape: list[int]
-    stats: torch.Tensor
+    stats: tuple[int, int] | None  # (batch, row) in Probes._batches; None until its batch is read
     touched: torch.Tensor | None = None
+    tensor_ref: torch.Tensor | None = None  # held until its statistics are read
+    version: int = 0
+    changed_in_place: bool = False
+
+
+# Deferred outputs are read in one batch at the end of the forward, or earlier once they hold this many bytes.
+FLUSH_BYTES = 1 << 30
 
 
 @dataclass
@@ -120,14 +137,51 @@ class Probes:
     _stack: list[str] = field(default_factory=list, init=False)
     _restore: list = field(default_factory=list, init=False)
     _inputs_recorded: bool = field(default=False, init=False)
+    _deferred: list[_Pending] = field(default_factory=list, init=False)
+    _batches: list[torch.Tensor] = field(default_factory=list, init=False)  # [k, 4] statistics, read back once
+    _deferred_bytes: int = field(default=0, init=False)
 
     def _display(self, path: str) -> str:
         return path or self.root_label
 
     def _record(self, boundary: str, module: str, tensor_name: str, tensor: torch.Tensor) -> None:
-        self._pending.append(
-            _Pending(boundary, module, tensor_name, tensor.dtype, list(tensor.shape), tensor_stats(tensor))
-        )
+        """Note a boundary tensor; its statistics are read later, in one batch (``_flush``): a hook only keeps a
+        reference, so watching every module costs one read of each output and not a kernel launch per output."""
+        pending = _Pending(boundary, module, tensor_name, tensor.dtype, list(tensor.shape), None, tensor_ref=tensor, version=tensor._version)
+        self._pending.append(pending)
+        self._deferred.append(pending)
+        self._deferred_bytes += tensor.numel() * tensor.element_size()
+        if self._deferred_bytes > FLUSH_BYTES:
+            self._flush()
+
+    def _record_now(self, boundary: str, module: str, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Read these tensors' statistics now (one batch): the component's inputs, which it may update in place."""
+        if not named:
+            return
+        rows = self._read([t for _, t in named])
+        for (name, tensor), row in zip(named, rows):
+            self._pending.append(_Pending(boundary, module, name, tensor.dtype, list(tensor.shape), row))
+
+    def _flush(self) -> None:
+        deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
+        if not deferred:
+            return
+        for pending in deferred:
+            pending.changed_in_place = pending.tensor_ref._version != pending.version
+        for pending, row in zip(deferred, self._read([p.tensor_ref for p in deferred])):
+            pending.stats, pending.tensor_ref = row, None
+
+    def _read(self, tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+        """Launch the statistics of ``tensors`` (one batch per device, no host sync); their (batch, row) places."""
+        places: list[tuple[int, int] | None] = [None] * len(tensors)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_device.setdefault(t.device, []).append(i)
+        for indices in by_device.values():
+            self._batches.append(finite_stats_many([tensors[i] for i in indices]))
+            for row, i in enumerate(indices):
+                places[i] = (len(self._batches) - 1, row)
+        return places
 
     def _post_hook(self, path: str):
         module_name = self._display(path)
@@ -155,9 +209,9 @@ class Probes:
                 # outside every module: the component's own code around its modules (a VAE's decode clamps there)
                 module = self._display(self._stack[-1] if self._stack else "")
                 changed = (out != tensor) & ~(torch.isnan(out) & torch.isnan(tensor))
-                self._pending.append(
-                    _Pending(f"input of {spy.label}", module, spy.label, tensor.dtype, list(tensor.shape), tensor_stats(tensor), changed.sum())
-                )
+                self._batches.append(tensor_stats(tensor).reshape(1, -1))
+                place = (len(self._batches) - 1, 0)
+                self._pending.append(_Pending(f"input of {spy.label}", module, spy.label, tensor.dtype, list(tensor.shape), place, changed.sum()))
             return out
 
         return guarded
@@ -179,21 +233,23 @@ class Probes:
     def _root_input_hook(self, _module, args, kwargs, explicit: bool = False):
         if self._inputs_recorded and not explicit:
             return
-        for tensor_name, tensor in _floating_tensors(list(args), "args"):
-            self._record("component input", INPUT, tensor_name, tensor)
+        named = list(_floating_tensors(list(args), "args"))
         for key, value in kwargs.items():
-            for tensor_name, tensor in _floating_tensors(value, key):
-                self._record("component input", INPUT, tensor_name, tensor)
+            named.extend(_floating_tensors(value, key))
+        self._record_now("component input", INPUT, named)
 
     def _pre_hook(self, probe: InputProbe):
         def hook(_module, args):
             if probe.index < len(args) and isinstance(args[probe.index], torch.Tensor):
-                self._record(probe.boundary, self._display(probe.produced_by), probe.tensor, args[probe.index])
+                # read now: these are the block's own intermediate values (a residual stream), which its code may
+                # go on updating in place (ComfyUI's FLUX does `img += ...`)
+                self._record_now(probe.boundary, self._display(probe.produced_by), [(probe.tensor, args[probe.index])])
 
         return hook
 
     def __enter__(self) -> Probes:
         self._pending.clear()
+        self._deferred, self._deferred_bytes, self._batches = [], 0, []
         self._inputs_recorded = False
         if not self.enabled:
             return self
@@ -226,9 +282,11 @@ class Probes:
         self._stack.clear()
 
     def records(self) -> list[BoundaryRecord]:
+        self._flush()
         if not self._pending:
             return []
-        stats = torch.stack([p.stats for p in self._pending]).cpu().tolist()  # the one host sync
+        host = _to_host(self._batches)  # the one host sync
+        stats = [host[batch][row] for batch, row in (p.stats for p in self._pending)]
         touched_at = [i for i, p in enumerate(self._pending) if p.touched is not None]
         touched = dict(zip(touched_at, torch.stack([self._pending[i].touched for i in touched_at]).cpu().tolist())) if touched_at else {}
         out = []
@@ -248,14 +306,32 @@ class Probes:
                     saturated=int(saturated),
                     headroom=(fmax / max_abs) if max_abs > 0 else None,
                     touched=int(touched[order]) if order in touched else None,
+                    changed_in_place=pending.changed_in_place,
                 )
             )
         return out
 
 
+def _to_host(batches: list[torch.Tensor]) -> list[list[list[float]]]:
+    """The batches' statistics as lists, with one device-to-host copy per device (one, in practice)."""
+    host: list = [None] * len(batches)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, b in enumerate(batches):
+        by_device.setdefault(b.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([batches[i] for i in indices]).cpu().tolist() if len(indices) > 1 else batches[indices[0]].cpu().tolist()
+        start = 0
+        for i in indices:
+            host[i] = flat[start : start + len(batches[i])]
+            start += len(batches[i])
+    return host
+
+
 def first_nonfinite(records: list[BoundaryRecord]) -> dict | None:
+    """The first record holding a non-finite value; records whose tensor was changed in place after the boundary are
+    passed over (their statistics describe later values)."""
     for record in records:
-        if record.nonfinite:
+        if record.nonfinite and not record.changed_in_place:
             return {
                 "boundary": record.boundary,
                 "module": record.module,

@@ -21,6 +21,7 @@ from conformance.kernels import (
     bit_patterns,
     clamp_with_stats,
     finite_stats,
+    finite_stats_many,
     memory_order_view,
     select_impl,
     triton_available,
@@ -138,6 +139,25 @@ def test_finite_stats_equals_probes_tensor_stats(device, impl, x):
         impl = "auto"  # float64 has no kernel; auto takes the torch path
     x = on(device, x)
     assert torch.equal(finite_stats(x, impl=impl), tensor_stats(x))
+
+
+@pytest.mark.parametrize(("device", "impl"), PATHS)
+@settings(deadline=None, max_examples=25)
+@given(xs=st.lists(float_tensors(), min_size=1, max_size=6), big=st.integers(0, 3), seed=st.integers(0, 2**32 - 1))
+def test_finite_stats_many_matches_reference_per_tensor(device, impl, xs, big, seed):
+    """The probes' one-launch read of many outputs: row ``i`` is exactly the reference stats of tensor ``i``, whatever
+    the mix of dtypes, layouts and sizes (``big`` adds tensors of several tiles next to the small ones)."""
+    xs = list(xs) + [_seeded_tensor(DTYPES[(seed + k) % len(DTYPES)], 3 * TILE_BYTES // 2 + k, seed + k, 3, "cpu") for k in range(big)]
+    stats = finite_stats_many([on(device, x) for x in xs], impl=impl)
+    assert stats.shape == (len(xs), 4) and stats.dtype == torch.float64 and stats.device.type == device
+    assert torch.equal(stats.cpu(), torch.stack([reference_stats(x) for x in xs]))
+
+
+def test_finite_stats_many_of_nothing_and_of_mixed_devices():
+    assert finite_stats_many([]).shape == (0, 4)
+    if CUDA:
+        with pytest.raises(ValueError, match="several devices"):
+            finite_stats_many([torch.zeros(2), torch.zeros(2, device="cuda")])
 
 
 def _seeded_tensor(dtype, numel, seed, specials, device):
