@@ -54,7 +54,7 @@ def finite_stats(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """``[nonfinite, nan, max finite |x|, saturated]`` of ``x`` as a float64 tensor on its device (no host sync)."""
     _require_floating(x)
     if select_impl(x, impl) == "triton":
-        return _triton_stats(x, None, None)[1]
+        return _triton_stats_many([x])[0]
     return _torch_finite_stats(x.detach())
 
 
@@ -226,36 +226,30 @@ def _triton_stats(x: torch.Tensor, bound: float | None, replacement: float | Non
     patterns = bit_patterns(x.dtype)
     limit_bits = _bits(bound, x.dtype) if clamp else patterns.infinity
     kernels = _triton_kernels()
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+    with _on_device(x.device):
         block = TILE_BYTES // x.element_size()
         max_programs = _max_programs(x.device)
         programs = min(-(-source.numel() // block), max_programs)
         partials = torch.empty((stats_count, programs), dtype=torch.float64, device=x.device)
         stats = torch.empty(stats_count, dtype=torch.float64, device=x.device)
-        if not clamp:
-            kernels.stats_only[(programs,)](
-                source, partials, source.numel(), BITS=8 * x.element_size(), INF_BITS=patterns.infinity,
-                MAX_BITS=patterns.max, BLOCK=block, VEC=VECTOR_BYTES // x.element_size(), num_warps=NUM_WARPS,
-            )  # fmt: skip
-        else:
-            kernels.stats_partials[(programs,)](
-                source,
-                source if target is None else target,
-                partials,
-                source.numel(),
-                min(patterns.max, limit_bits + 1),  # a tile whose largest magnitude is below this has nothing to do
-                limit_bits,
-                _bits(-bound, x.dtype) if clamp else 0,
-                0 if replacement is None else _bits(replacement, x.dtype),
-                BITS=8 * x.element_size(),
-                INF_BITS=patterns.infinity,
-                MAX_BITS=patterns.max,
-                CLAMP=clamp,
-                REPLACE_NAN=replacement is not None,
-                BLOCK=block,
-                VEC=VECTOR_BYTES // x.element_size(),
-                num_warps=NUM_WARPS,
-            )
+        kernels.stats_partials[(programs,)](
+            source,
+            source if target is None else target,
+            partials,
+            source.numel(),
+            min(patterns.max, limit_bits + 1),  # a tile whose largest magnitude is below this has nothing to do
+            limit_bits,
+            _bits(-bound, x.dtype) if clamp else 0,
+            0 if replacement is None else _bits(replacement, x.dtype),
+            BITS=8 * x.element_size(),
+            INF_BITS=patterns.infinity,
+            MAX_BITS=patterns.max,
+            CLAMP=clamp,
+            REPLACE_NAN=replacement is not None,
+            BLOCK=block,
+            VEC=VECTOR_BYTES // x.element_size(),
+            num_warps=NUM_WARPS,
+        )
         kernels.reduce_partials[(1,)](
             partials, stats, programs, NUM_STATS=stats_count, BLOCK_P=kernels.next_power_of_2(max_programs)
         )
@@ -263,11 +257,13 @@ def _triton_stats(x: torch.Tensor, bound: float | None, replacement: float | Non
 
 
 def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One ``stats_many`` launch over tensors of one dtype, plus one ``reduce_many``. The persistent grid is shared out
-    in proportion to size: tensor ``t`` gets ``count[t]`` programs (at least one), and program ``g`` finds its tensor
-    in the table by the first program of each. Pointers travel as element offsets from the first tensor, so that when
-    every tensor is 16-byte aligned the kernel can be told so and load 16-byte vectors (a pointer read from memory
-    carries no alignment the compiler could see)."""
+    """One ``stats_many`` launch over tensors of one dtype (after the one fill that zeroes its scratch). The persistent
+    grid is shared out in proportion to size: tensor ``t`` gets ``count[t]`` programs (at least one), and program
+    ``g`` finds its tensor in the table by the first program of each. Pointers travel as element offsets from the
+    first tensor, so that when every tensor is 16-byte aligned the kernel can be told so and load 16-byte vectors (a
+    pointer read from memory carries no alignment the compiler could see). A single tensor needs no table at all.
+    Host time is what a probe pays per call, so this stays lean: no device context switch unless needed, one
+    allocation, one table copy."""
     x0 = tensors[0]
     sources, keep = [], []
     for t in tensors:
@@ -279,39 +275,54 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
         sources.append(view)
     size = x0.element_size()
     block = TILE_BYTES // size
-    base = sources[0].data_ptr()
-    pointers = [v.data_ptr() for v in sources]
-    numels = [v.numel() for v in sources]
-    tiles = [-(-n // block) for n in numels]
     max_programs = _max_programs(x0.device)
-    total_tiles = max(1, sum(tiles))
-    counts = [max(1, min(t, max_programs * t // total_tiles)) for t in tiles]
-    firsts = list(itertools.accumulate(counts, initial=0))
-    table = torch.tensor([[(p - base) // size for p in pointers], numels, firsts[:-1], counts], dtype=torch.int64)
+    single = len(sources) == 1
+    if single:
+        numel = sources[0].numel()
+        grid = max(1, min(-(-numel // block), max_programs))
+        counts = [grid]
+        aligned = True  # a pointer argument: triton specialises its alignment itself
+    else:
+        numel = 0
+        base = sources[0].data_ptr()
+        pointers = [v.data_ptr() for v in sources]
+        numels = [v.numel() for v in sources]
+        tiles = [-(-n // block) for n in numels]
+        total_tiles = max(1, sum(tiles))
+        counts = [max(1, min(t, max_programs * t // total_tiles)) for t in tiles]
+        firsts = list(itertools.accumulate(counts, initial=0))
+        grid = firsts[-1]
+        aligned = all(p % VECTOR_BYTES == 0 for p in pointers)
     patterns = bit_patterns(x0.dtype)
     kernels = _triton_kernels()
-    with torch.cuda.device(x0.device) if x0.device.type == "cuda" else contextlib.nullcontext():
-        table = table.to(x0.device, non_blocking=True)
-        partials = torch.empty((len(STATS), firsts[-1]), dtype=torch.float64, device=x0.device)
-        stats = torch.empty((len(sources), len(STATS)), dtype=torch.float64, device=x0.device)
-        kernels.stats_many[(firsts[-1],)](
+    with _on_device(x0.device):
+        scratch = torch.zeros(len(STATS) * (grid + len(sources)) + 1, dtype=torch.float64, device=x0.device)
+        if single:
+            table = scratch  # unused
+        else:
+            table = torch.tensor([[(p - base) // size for p in pointers], numels, firsts[:-1], counts], dtype=torch.int64)
+            table = table.to(x0.device, non_blocking=True)
+        kernels.stats_many[(grid,)](
             sources[0],
             table,
-            partials,
+            scratch,
+            scratch.view(torch.int64)[-1:],
             len(sources),
-            firsts[-1],
+            grid,
+            numel,
             BITS=8 * size,
             INF_BITS=patterns.infinity,
             MAX_BITS=patterns.max,
-            ALIGNED=all(p % VECTOR_BYTES == 0 for p in pointers),
+            ALIGNED=aligned,
+            SINGLE=single,
             BLOCK=block,
             BLOCK_T=kernels.next_power_of_2(len(sources)),
+            BLOCK_P=kernels.next_power_of_2(max(counts)),
             VEC=VECTOR_BYTES // size,
             num_warps=NUM_WARPS,
         )
-        kernels.reduce_many[(len(sources),)](partials, table, stats, len(sources), firsts[-1], BLOCK_P=kernels.next_power_of_2(max(counts)))
     del keep  # the caching allocator keeps the copies' memory reserved for the stream until the kernel has run
-    return stats
+    return scratch[len(STATS) * grid : -1].view(len(sources), len(STATS))
 
 
 @dataclass(frozen=True)
@@ -339,6 +350,14 @@ def _bits(value: float, dtype: torch.dtype) -> int:
 @functools.lru_cache(maxsize=1024)
 def _bits_of_hex(value_hex: str, dtype: torch.dtype) -> int:
     return torch.tensor(float.fromhex(value_hex), dtype=dtype).view(_SAME_WIDTH_INT[dtype.itemsize]).item()
+
+
+def _on_device(device: torch.device):
+    """``torch.cuda.device(device)`` where launching needs it (another GPU than the current one); entering that
+    context costs microseconds a probe pays on every call."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _max_programs(device: torch.device) -> int:
@@ -430,20 +449,6 @@ def _triton_kernels() -> types.SimpleNamespace:
         return nonfinite, nan, largest.to(tl.float64), saturated
 
     @triton.jit
-    def stats_only(
-        x_ptr, partials_ptr, n, BITS: tl.constexpr, INF_BITS: tl.constexpr, MAX_BITS: tl.constexpr,
-        BLOCK: tl.constexpr, VEC: tl.constexpr,
-    ):
-        program = tl.program_id(0).to(tl.int64)  # int64 tile indices and offsets: tensors past 2**31 elements
-        programs = tl.num_programs(0)
-        nonfinite, nan, largest, saturated = finite_stats_of_tiles(x_ptr, n, program, programs, BITS, INF_BITS, MAX_BITS, BLOCK, VEC)
-        column = partials_ptr + program
-        tl.store(column, nonfinite.to(tl.float64))
-        tl.store(column + programs, nan.to(tl.float64))
-        tl.store(column + 2 * programs, largest)
-        tl.store(column + 3 * programs, saturated.to(tl.float64))
-
-    @triton.jit
     def stats_partials(
         x_ptr,
         out_ptr,
@@ -523,57 +528,69 @@ def _triton_kernels() -> types.SimpleNamespace:
     @triton.jit
     def stats_many(
         base_ptr,  # the first tensor: every tensor's address is an element offset from it
-        table_ptr,  # int64 [4, T]: element offsets, element counts, first program, programs
-        partials_ptr,  # float64 [4, G]: one column per program
+        table_ptr,  # int64 [4, T]: element offsets, element counts, first program, programs (unused when SINGLE)
+        scratch_ptr,  # float64, zeroed: [4, G] partials, then [T, 4] statistics, then the completion counter
+        counter_ptr,  # the scratch's last element, as int64
         tensors,
         grid,
+        n_single,  # the element count when SINGLE
         BITS: tl.constexpr,
         INF_BITS: tl.constexpr,
         MAX_BITS: tl.constexpr,
         ALIGNED: tl.constexpr,
+        SINGLE: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        BLOCK_P: tl.constexpr,
         VEC: tl.constexpr,
     ):
-        # The statistics of stats_partials, for the tensor that owns program_id(0) in a table of tensors.
+        # Each program reads its share of the tensor that owns it and stores one column of partials; the last
+        # program to finish (the completion counter) reduces every tensor's columns into its statistics. One launch.
         program = tl.program_id(0).to(tl.int64)
-        entries = tl.arange(0, BLOCK_T)
-        firsts = tl.load(table_ptr + 2 * tensors + entries, mask=entries < tensors, other=grid)
-        which = tl.sum((firsts <= program).to(tl.int64), axis=0) - 1
-        offset = tl.load(table_ptr + which)
-        if ALIGNED:
-            offset = tl.multiple_of(offset, VEC)
-        n = tl.load(table_ptr + tensors + which)
-        first = tl.load(table_ptr + 2 * tensors + which)
-        programs = tl.load(table_ptr + 3 * tensors + which)
-        nonfinite, nan, largest, saturated = finite_stats_of_tiles(
-            base_ptr + offset, n, program - first, programs, BITS, INF_BITS, MAX_BITS, BLOCK, VEC
-        )
-        column = partials_ptr + program
+        if SINGLE:
+            nonfinite, nan, largest, saturated = finite_stats_of_tiles(
+                base_ptr, n_single, program, grid, BITS, INF_BITS, MAX_BITS, BLOCK, VEC
+            )
+        else:
+            entries = tl.arange(0, BLOCK_T)
+            firsts = tl.load(table_ptr + 2 * tensors + entries, mask=entries < tensors, other=grid)
+            which = tl.sum((firsts <= program).to(tl.int64), axis=0) - 1
+            offset = tl.load(table_ptr + which)
+            if ALIGNED:
+                offset = tl.multiple_of(offset, VEC)
+            n = tl.load(table_ptr + tensors + which)
+            first = tl.load(table_ptr + 2 * tensors + which)
+            programs = tl.load(table_ptr + 3 * tensors + which)
+            nonfinite, nan, largest, saturated = finite_stats_of_tiles(
+                base_ptr + offset, n, program - first, programs, BITS, INF_BITS, MAX_BITS, BLOCK, VEC
+            )
+        column = scratch_ptr + program
         tl.store(column, nonfinite.to(tl.float64))
         tl.store(column + grid, nan.to(tl.float64))
         tl.store(column + 2 * grid, largest)
         tl.store(column + 3 * grid, saturated.to(tl.float64))
-
-    @triton.jit
-    def reduce_many(partials_ptr, table_ptr, stats_ptr, tensors, grid, BLOCK_P: tl.constexpr):
-        which = tl.program_id(0).to(tl.int64)
-        first = tl.load(table_ptr + 2 * tensors + which)
-        programs = tl.load(table_ptr + 3 * tensors + which)
-        lanes = tl.arange(0, BLOCK_P)
-        for stat in tl.static_range(4):
-            values = tl.load(partials_ptr + stat * grid + first + lanes, mask=lanes < programs, other=0.0)
-            if stat == 2:
-                tl.store(stats_ptr + which * 4 + stat, tl.max(values, axis=0))
-            else:
-                tl.store(stats_ptr + which * 4 + stat, tl.sum(values, axis=0))
+        finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # releases this column, acquires the others
+        if finished == grid - 1:
+            lanes = tl.arange(0, BLOCK_P)
+            stats_ptr = scratch_ptr + 4 * grid
+            for t in range(0, tensors):
+                if SINGLE:
+                    first_t = 0
+                    count_t = grid
+                else:
+                    first_t = tl.load(table_ptr + 2 * tensors + t)
+                    count_t = tl.load(table_ptr + 3 * tensors + t)
+                for stat in tl.static_range(4):
+                    values = tl.load(scratch_ptr + stat * grid + first_t + lanes, mask=lanes < count_t, other=0.0, cache_modifier=".cg")
+                    if stat == 2:  # max finite |x|; every other row is a count
+                        tl.store(stats_ptr + t * 4 + stat, tl.max(values, axis=0))
+                    else:
+                        tl.store(stats_ptr + t * 4 + stat, tl.sum(values, axis=0))
 
     return types.SimpleNamespace(
         stats_partials=stats_partials,
-        stats_only=stats_only,
         reduce_partials=reduce_partials,
         stats_many=stats_many,
-        reduce_many=reduce_many,
         element_types={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32},
         next_power_of_2=triton.next_power_of_2,
     )

@@ -21,17 +21,25 @@ Boundaries are
 
 The first record, in firing order, holding a non-finite value names the module where the bad value was born.
 
-Cost. A module output's statistics are read in one batch after the forward (``kernels.finite_stats_many``: one read
-of every output, one launch per dtype on CUDA), not by a kernel per output launched from its hook: a hook keeps a
-reference and the tensor's version counter. A tensor its block changed in place after the boundary is marked
-``changed_in_place`` (its numbers are of the later values) and is not taken as the first non-finite. The component's
-inputs and the declared intermediate inputs, which blocks do update in place, are read when they are seen. Pending
-outputs are read early once they hold 1 GiB, to bound the memory held.
+Cost. Statistics are read in one batch after the forward (``kernels.finite_stats_many``: one read of every tensor,
+one launch per dtype on CUDA), not by a kernel per output launched from its hook: a hook keeps a reference and the
+tensor's version counter, and the one host sync comes when ``records()`` is called. The hooks are two global module
+hooks (``torch.nn.modules.module.register_module_forward_hook``) filtered by a cached path map, not two per module,
+so entering the probes costs the same for 10 modules or 1000. A tensor changed in place after its boundary is marked
+``changed_in_place`` (its numbers are of the later values) and is not taken as the first non-finite.
+
+Inputs are the exception: blocks update their inputs and residual streams in place (ComfyUI's FLUX does ``img +=
+...``), so the component's inputs and the declared intermediate inputs are read when they are seen, unless this very
+module was seen before to leave them unchanged; then they join the end-of-forward batch, still guarded by their
+version counters. Pending tensors are read early once they hold 1 GiB, to bound the memory held.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+import functools
+import sys
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -103,22 +111,53 @@ def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _floating_tensors(item, f"{name}.{key}")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     boundary: str
     module: str
     tensor: str
     dtype: torch.dtype
-    shape: list[int]
+    shape: torch.Size | list[int]
     stats: tuple[int, int] | None  # (batch, row) in Probes._batches; None until its batch is read
     touched: torch.Tensor | None = None
     tensor_ref: torch.Tensor | None = None  # held until its statistics are read
     version: int = 0
     changed_in_place: bool = False
+    is_input: bool = False  # an input boundary deferred because its root was seen to leave it unchanged
+    source: nn.Module | None = None  # the module whose output this is (for relabelling, see Probes._resolve)
 
 
 # Deferred outputs are read in one batch at the end of the forward, or earlier once they hold this many bytes.
 FLUSH_BYTES = 1 << 30
+
+# Per root module: which of its input boundaries ("input" for the component's own) a forward was seen to leave
+# unchanged (True) or to update in place (False). Unchanged ones are read with the end-of-forward batch.
+_KEEPS_INPUTS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+# Per root module: its module count, {submodule: path} and the label tables built from it, rebuilt when the count
+# changes. Entering the probes is on the critical path (the GPU is idle before the forward's first kernel).
+_PATHS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[nn.Module, str], list]] = weakref.WeakKeyDictionary()
+
+
+def _paths(root: nn.Module) -> tuple[dict[nn.Module, str], list]:
+    """``{submodule: path}`` of ``root`` and the cache of label tables that goes with it. Not checked against the
+    module tree here: a module the map lacks is resolved after the forward (``Probes._resolve``)."""
+    cached = _PATHS.get(root)
+    if cached is not None:
+        return cached[1], cached[2]
+    paths = {module: path for path, module in root.named_modules(remove_duplicate=True)}
+    _PATHS[root] = (len(paths), paths, [])
+    return paths, _PATHS[root][2]
+
+
+def _labels(root: nn.Module, boundary_names: Mapping[str, str], root_label: str) -> tuple[dict[nn.Module, str], dict]:
+    """``{submodule: path}`` and ``{submodule: (boundary, module name)}`` for the records of its outputs."""
+    paths, tables = _paths(root)
+    for names, label, labels in tables:
+        if names is boundary_names and label == root_label:
+            return paths, labels
+    labels = {module: (boundary_names.get(path, path or root_label), path or root_label) for module, path in paths.items()}
+    tables.append((boundary_names, root_label, labels))
+    return paths, labels
 
 
 @dataclass
@@ -134,33 +173,44 @@ class Probes:
     scope: str = "all"  # "all": every module, the declared inputs and the guards; "io": the root's inputs and outputs only
     _handles: list = field(default_factory=list, init=False)
     _pending: list[_Pending] = field(default_factory=list, init=False)
-    _stack: list[str] = field(default_factory=list, init=False)
     _restore: list = field(default_factory=list, init=False)
     _inputs_recorded: bool = field(default=False, init=False)
+    _module_paths: dict = field(default_factory=dict, init=False)
+    _labels: dict = field(default_factory=dict, init=False)  # module -> (boundary, module name) of its output
+    _own_hooks: set = field(default_factory=set, init=False)
     _deferred: list[_Pending] = field(default_factory=list, init=False)
     _batches: list[torch.Tensor] = field(default_factory=list, init=False)  # [k, 4] statistics, read back once
+    _watched_inputs: list = field(default_factory=list, init=False)  # (boundary, tensor, version) of inputs read now
     _deferred_bytes: int = field(default=0, init=False)
 
     def _display(self, path: str) -> str:
         return path or self.root_label
 
-    def _record(self, boundary: str, module: str, tensor_name: str, tensor: torch.Tensor) -> None:
+    def _record(self, boundary: str, module: str, tensor_name: str, tensor: torch.Tensor, source: nn.Module | None = None) -> None:
         """Note a boundary tensor; its statistics are read later, in one batch (``_flush``): a hook only keeps a
         reference, so watching every module costs one read of each output and not a kernel launch per output."""
-        pending = _Pending(boundary, module, tensor_name, tensor.dtype, list(tensor.shape), None, tensor_ref=tensor, version=tensor._version)
+        pending = _Pending(boundary, module, tensor_name, tensor.dtype, tensor.shape, None, None, tensor, tensor._version, False, False, source)
         self._pending.append(pending)
         self._deferred.append(pending)
-        self._deferred_bytes += tensor.numel() * tensor.element_size()
+        self._deferred_bytes += tensor.nbytes
         if self._deferred_bytes > FLUSH_BYTES:
             self._flush()
 
-    def _record_now(self, boundary: str, module: str, named: list[tuple[str, torch.Tensor]]) -> None:
-        """Read these tensors' statistics now (one batch): the component's inputs, which it may update in place."""
+    def _record_input(self, boundary: str, module: str, named: list[tuple[str, torch.Tensor]]) -> None:
+        """An input boundary: read now, unless this root was seen to leave this boundary's tensors unchanged (then
+        deferred like an output, its version counter still checked). A tensor read now is remembered, so that the
+        end of the forward can tell whether the block updated it in place."""
         if not named:
+            return
+        if _KEEPS_INPUTS.get(self.root, {}).get(boundary):
+            for name, tensor in named:
+                self._record(boundary, module, name, tensor)
+                self._pending[-1].is_input = True
             return
         rows = self._read([t for _, t in named])
         for (name, tensor), row in zip(named, rows):
             self._pending.append(_Pending(boundary, module, name, tensor.dtype, list(tensor.shape), row))
+            self._watched_inputs.append((boundary, tensor, tensor._version))
 
     def _flush(self) -> None:
         deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
@@ -168,6 +218,8 @@ class Probes:
             return
         for pending in deferred:
             pending.changed_in_place = pending.tensor_ref._version != pending.version
+            if pending.changed_in_place and pending.is_input:  # no longer unchanged: read it on sight next time
+                _KEEPS_INPUTS.setdefault(self.root, {})[pending.boundary] = False
         for pending, row in zip(deferred, self._read([p.tensor_ref for p in deferred])):
             pending.stats, pending.tensor_ref = row, None
 
@@ -183,23 +235,52 @@ class Probes:
                 places[i] = (len(self._batches) - 1, row)
         return places
 
-    def _post_hook(self, path: str):
-        module_name = self._display(path)
-        boundary = self.boundary_names.get(path, module_name)
+    def _global_output_hook(self, module, _args, output):
+        if module not in self._own_hooks:
+            self._output_hook(module, _args, output)
 
-        def hook(_module, _args, output):
-            if self._stack:
-                self._stack.pop()
-            for tensor_name, tensor in _floating_tensors(output, "output"):
-                self._record(boundary, module_name, tensor_name, tensor)
+    def _own_output_hook(self, module, _args, output):
+        self._output_hook(module, _args, output)
 
-        return hook
+    def _output_hook(self, module, _args, output):
+        # Runs after every module of the forward: kept to a dict lookup and an append for the usual tensor output.
+        labels = self._labels.get(module)
+        if labels is None:
+            # not in the cached map: a module added to the component since (a guard's replacement layer) or one
+            # outside it; records() resolves it against the component's modules, off the forward's critical path
+            labels = (None, module)
+        if type(output) is torch.Tensor:
+            if output.is_floating_point():
+                self._record(labels[0], labels[1], "output", output, module)
+            return
+        for tensor_name, tensor in _floating_tensors(output, "output"):
+            self._record(labels[0], labels[1], tensor_name, tensor, module)
 
-    def _enter_hook(self, path: str):
-        def hook(_module, _args):
-            self._stack.append(path)
+    def _resolve(self) -> None:
+        """Give the records of modules missing from the cached path map their names (rebuilding the map), and drop
+        those of modules outside the component."""
+        if not any(p.boundary is None for p in self._pending):
+            return
+        _PATHS.pop(self.root, None)  # the tree changed: every output is named again from the fresh map
+        self._module_paths, self._labels = _labels(self.root, self.boundary_names, self.root_label)
+        for pending in self._pending:
+            if pending.source is not None:
+                labels = self._labels.get(pending.source)
+                pending.boundary, pending.module = labels if labels is not None else (None, None)
+        self._pending = [p for p in self._pending if p.boundary is not None]
 
-        return hook
+    def _running_module(self) -> str:
+        """The innermost module of the component whose forward is on the call stack (where a guard was called from);
+        the root's label when there is none. Walks the frames only when a guard fires, so hooks stay cheap."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module):
+                labels = self._labels.get(owner)
+                if labels is not None:
+                    return labels[1]
+            frame = frame.f_back
+        return self.root_label
 
     def _guard(self, spy: GuardSpy, original):
         def guarded(*args, **kwargs):
@@ -207,7 +288,7 @@ class Probes:
             tensor = args[0] if args else None
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and isinstance(out, torch.Tensor):
                 # outside every module: the component's own code around its modules (a VAE's decode clamps there)
-                module = self._display(self._stack[-1] if self._stack else "")
+                module = self._running_module()
                 changed = (out != tensor) & ~(torch.isnan(out) & torch.isnan(tensor))
                 self._batches.append(tensor_stats(tensor).reshape(1, -1))
                 place = (len(self._batches) - 1, 0)
@@ -233,39 +314,48 @@ class Probes:
     def _root_input_hook(self, _module, args, kwargs, explicit: bool = False):
         if self._inputs_recorded and not explicit:
             return
-        named = list(_floating_tensors(list(args), "args"))
+        named = list(_floating_tensors(list(args), "args")) if args else []
         for key, value in kwargs.items():
-            named.extend(_floating_tensors(value, key))
-        self._record_now("component input", INPUT, named)
+            if type(value) is torch.Tensor:  # the usual case, without the generator
+                if value.is_floating_point():
+                    named.append((key, value))
+            elif value is not None:
+                named.extend(_floating_tensors(value, key))
+        self._record_input("component input", INPUT, named)
 
     def _pre_hook(self, probe: InputProbe):
         def hook(_module, args):
             if probe.index < len(args) and isinstance(args[probe.index], torch.Tensor):
                 # read now: these are the block's own intermediate values (a residual stream), which its code may
                 # go on updating in place (ComfyUI's FLUX does `img += ...`)
-                self._record_now(probe.boundary, self._display(probe.produced_by), [(probe.tensor, args[probe.index])])
+                self._record_input(probe.boundary, self._display(probe.produced_by), [(probe.tensor, args[probe.index])])
 
         return hook
 
     def __enter__(self) -> Probes:
         self._pending.clear()
-        self._deferred, self._deferred_bytes, self._batches = [], 0, []
+        self._deferred, self._deferred_bytes, self._batches, self._watched_inputs = [], 0, [], []
         self._inputs_recorded = False
         if not self.enabled:
             return self
-        if self.scope == "io":
-            self._handles.append(self.root.register_forward_pre_hook(self._root_input_hook, with_kwargs=True))
-            self._handles.append(self.root.register_forward_hook(self._post_hook("")))
-            return self
-        modules = dict(self.root.named_modules())
         self._handles.append(self.root.register_forward_pre_hook(self._root_input_hook, with_kwargs=True))
+        if self.scope == "io":
+            self._module_paths = {self.root: ""}
+            self._labels = {self.root: (self.boundary_names.get("", self.root_label), self.root_label)}
+            self._handles.append(self.root.register_forward_hook(self._output_hook))
+            return self
+        self._module_paths, self._labels = _labels(self.root, self.boundary_names, self.root_label)
+        by_path = {path: module for module, path in self._module_paths.items()} if self.input_probes else {}
         for probe in self.input_probes:
-            if probe.module not in modules:
+            if probe.module not in by_path:
                 raise KeyError(f"input probe on {probe.module!r}: no such module in {type(self.root).__name__}")
-            self._handles.append(modules[probe.module].register_forward_pre_hook(self._pre_hook(probe)))
-        for path, module in modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._enter_hook(path)))
-            self._handles.append(module.register_forward_hook(self._post_hook(path)))
+            self._handles.append(by_path[probe.module].register_forward_pre_hook(self._pre_hook(probe)))
+        # Global hooks run before a module's own forward hooks; a module that has its own (one that edits its output)
+        # gets a hook of its own after them, so that its recorded output is the one its caller receives.
+        self._own_hooks = {module for module in self._module_paths if module._forward_hooks}
+        for module in self._own_hooks:
+            self._handles.append(module.register_forward_hook(self._own_output_hook))
+        self._handles.append(torch.nn.modules.module.register_module_forward_hook(self._global_output_hook))
         for spy in self.guards:
             original = getattr(spy.owner, spy.attr)
             self._restore.append((spy.owner, spy.attr, original))
@@ -279,10 +369,15 @@ class Probes:
         for owner, attr, original in reversed(self._restore):
             setattr(owner, attr, original)
         self._restore.clear()
-        self._stack.clear()
 
     def records(self) -> list[BoundaryRecord]:
         self._flush()
+        self._resolve()
+        if self._watched_inputs:
+            learned = _KEEPS_INPUTS.setdefault(self.root, {})
+            for boundary, tensor, version in self._watched_inputs:
+                learned[boundary] = learned.get(boundary, True) and tensor._version == version
+            self._watched_inputs = []
         if not self._pending:
             return []
         host = _to_host(self._batches)  # the one host sync
@@ -291,25 +386,30 @@ class Probes:
         touched = dict(zip(touched_at, torch.stack([self._pending[i].touched for i in touched_at]).cpu().tolist())) if touched_at else {}
         out = []
         for order, (pending, (nonfinite, nan, max_abs, saturated)) in enumerate(zip(self._pending, stats)):
-            fmax = torch.finfo(pending.dtype).max
+            name, fmax = _dtype_facts(pending.dtype)
             out.append(
                 BoundaryRecord(
-                    order=order,
-                    boundary=pending.boundary,
-                    module=pending.module,
-                    tensor=pending.tensor,
-                    dtype=str(pending.dtype).removeprefix("torch."),
-                    shape=pending.shape,
-                    nonfinite=int(nonfinite),
-                    nan=int(nan),
-                    max_abs=float(max_abs),
-                    saturated=int(saturated),
-                    headroom=(fmax / max_abs) if max_abs > 0 else None,
-                    touched=int(touched[order]) if order in touched else None,
-                    changed_in_place=pending.changed_in_place,
+                    order,
+                    pending.boundary,
+                    pending.module,
+                    pending.tensor,
+                    name,
+                    list(pending.shape),
+                    int(nonfinite),
+                    int(nan),
+                    max_abs,
+                    int(saturated),
+                    (fmax / max_abs) if max_abs > 0 else None,
+                    int(touched[order]) if order in touched else None,
+                    pending.changed_in_place,
                 )
             )
         return out
+
+
+@functools.cache
+def _dtype_facts(dtype: torch.dtype) -> tuple[str, float]:
+    return str(dtype).removeprefix("torch."), torch.finfo(dtype).max
 
 
 def _to_host(batches: list[torch.Tensor]) -> list[list[list[float]]]:

@@ -139,3 +139,102 @@ def test_tensor_stats_match_a_plain_reference(dtype, values, stride):
     special = torch.tensor([torch.finfo(DTYPES[dtype]).max], dtype=DTYPES[dtype])
     x = torch.cat([x, special]) if stride == 3 else x
     assert tensor_stats(x).tolist() == _reference_stats(x)
+
+
+class _AddsInPlace(torch.nn.Module):
+    """Updates its input in place, as ComfyUI's FLUX blocks do with their residual streams."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.in_place = in_place
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.in_place:
+            x += y
+            return x
+        return x + y
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["keeps-input", "updates-input"])
+def test_inputs_are_read_before_the_block_can_change_them(in_place):
+    """The component's inputs are read on sight until the module is seen to leave them alone; after that they join the
+    end-of-forward batch. Either way the input record holds the values the block was given (here: one NaN)."""
+    module = _AddsInPlace(in_place)
+    for forward in range(3):
+        x = torch.ones(2, 4)
+        x[0, 0] = math.nan
+        with torch.no_grad(), Probes(module) as probes:
+            module(x)
+        records = probes.records()
+        first = first_nonfinite(records)
+        assert first is not None and first["module"] == "input" and first["count"] == 1, (forward, records)
+        assert not records[0].changed_in_place
+    from conformance.probes import _KEEPS_INPUTS
+
+    assert _KEEPS_INPUTS[module]["component input"] is (not in_place)
+
+
+def test_a_deferred_input_changed_after_all_is_flagged_and_read_on_sight_again():
+    module = _AddsInPlace(False)
+    with torch.no_grad(), Probes(module) as probes:
+        module(torch.ones(2, 4))
+    probes.records()
+    module.in_place = True  # the same module now updates its input: the deferred read sees later values
+    with torch.no_grad(), Probes(module) as probes:
+        module(torch.ones(2, 4))
+    records = probes.records()
+    assert records[0].module == "input" and records[0].changed_in_place
+    from conformance.probes import _KEEPS_INPUTS
+
+    assert _KEEPS_INPUTS[module]["component input"] is False
+
+
+def test_a_module_with_its_own_output_hook_is_recorded_after_it():
+    """Global hooks run before a module's own; a module that edits its output in a hook is recorded as its caller
+    sees it."""
+    module = _AddsInPlace(False)
+
+    def poison(_m, _a, out):
+        out[0, 0] = math.inf
+        return out
+
+    module.lin.register_forward_hook(poison)
+    with torch.no_grad(), Probes(module) as probes:
+        module(torch.ones(2, 4))
+    first = first_nonfinite(probes.records())
+    assert first is not None and first["module"] == "lin"
+
+
+def test_a_module_added_after_the_map_was_cached_is_named_and_one_outside_is_dropped():
+    """The path map is cached per component and not walked before each forward; records() names what it missed."""
+    module = _AddsInPlace(False)
+    with torch.no_grad(), Probes(module) as probes:
+        module(torch.ones(2, 4))
+    assert [r.module for r in probes.records()][1:] == ["lin", ROOT]
+    module.lin = torch.nn.Sequential(torch.nn.Linear(4, 4))  # replaced after the map was cached
+    outsider = torch.nn.Linear(4, 4)
+    with torch.no_grad(), Probes(module) as probes:
+        module(torch.ones(2, 4))
+        outsider(torch.ones(2, 4))
+    assert [r.module for r in probes.records()][1:] == ["lin.0", "lin", ROOT]
+
+
+def test_a_guard_call_is_attributed_to_the_module_running_it():
+    from conformance.probes import GuardSpy
+
+    class Clips(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Identity())
+
+        def forward(self, x):
+            return self.inner(x).clip(-1, 1)
+
+    module = Clips()
+    spy = GuardSpy(torch.Tensor, "clip", "Tensor.clip")
+    with torch.no_grad(), Probes(module, guards=(spy,)) as probes:
+        module(torch.full((3,), 2.0))
+    guard = [r for r in probes.records() if r.boundary == "input of Tensor.clip"]
+    assert len(guard) == 1 and guard[0].module == ROOT and guard[0].touched == 3
