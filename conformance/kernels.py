@@ -47,6 +47,7 @@ VECTOR_BYTES = 16  # one thread's load: 8 fp16/bf16 or 4 fp32 elements, reduced 
 TILE_BYTES = 16384  # what one program reads per loop step: four vectors per thread with 8 warps
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 8  # persistent grid: at most this many programs per SM, each striding over the tensor's tiles
+REDUCE_LANES = 256  # the last program's reduction reads the partials in chunks of this many columns
 INTERPRETER_PROGRAMS = 3  # under TRITON_INTERPRET=1 there are no SMs; an odd count makes the grid-stride loop uneven
 
 
@@ -317,7 +318,7 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
             SINGLE=single,
             BLOCK=block,
             BLOCK_T=kernels.next_power_of_2(len(sources)),
-            BLOCK_P=kernels.next_power_of_2(max(counts)),
+            BLOCK_P=REDUCE_LANES,
             VEC=VECTOR_BYTES // size,
             num_warps=NUM_WARPS,
         )
@@ -571,21 +572,31 @@ def _triton_kernels() -> types.SimpleNamespace:
         tl.store(column + 3 * grid, saturated.to(tl.float64))
         finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # releases this column, acquires the others
         if finished == grid - 1:
+            # in chunks of BLOCK_P columns: a wide reduction here would cost the streaming loop above its registers
             lanes = tl.arange(0, BLOCK_P)
             stats_ptr = scratch_ptr + 4 * grid
             for t in range(0, tensors):
                 if SINGLE:
-                    first_t = 0
-                    count_t = grid
+                    first_t = program * 0
+                    count_t = program * 0 + grid
                 else:
                     first_t = tl.load(table_ptr + 2 * tensors + t)
                     count_t = tl.load(table_ptr + 3 * tensors + t)
-                for stat in tl.static_range(4):
-                    values = tl.load(scratch_ptr + stat * grid + first_t + lanes, mask=lanes < count_t, other=0.0, cache_modifier=".cg")
-                    if stat == 2:  # max finite |x|; every other row is a count
-                        tl.store(stats_ptr + t * 4 + stat, tl.max(values, axis=0))
-                    else:
-                        tl.store(stats_ptr + t * 4 + stat, tl.sum(values, axis=0))
+                sum_nonfinite = tl.zeros([BLOCK_P], dtype=tl.float64)
+                sum_nan = tl.zeros([BLOCK_P], dtype=tl.float64)
+                max_finite = tl.zeros([BLOCK_P], dtype=tl.float64)
+                sum_saturated = tl.zeros([BLOCK_P], dtype=tl.float64)
+                for start in range(0, count_t, BLOCK_P):
+                    columns = scratch_ptr + first_t + start + lanes
+                    inside = start + lanes < count_t
+                    sum_nonfinite += tl.load(columns, mask=inside, other=0.0, cache_modifier=".cg")
+                    sum_nan += tl.load(columns + grid, mask=inside, other=0.0, cache_modifier=".cg")
+                    max_finite = tl.maximum(max_finite, tl.load(columns + 2 * grid, mask=inside, other=0.0, cache_modifier=".cg"))
+                    sum_saturated += tl.load(columns + 3 * grid, mask=inside, other=0.0, cache_modifier=".cg")
+                tl.store(stats_ptr + t * 4, tl.sum(sum_nonfinite, axis=0))
+                tl.store(stats_ptr + t * 4 + 1, tl.sum(sum_nan, axis=0))
+                tl.store(stats_ptr + t * 4 + 2, tl.max(max_finite, axis=0))
+                tl.store(stats_ptr + t * 4 + 3, tl.sum(sum_saturated, axis=0))
 
     return types.SimpleNamespace(
         stats_partials=stats_partials,

@@ -354,3 +354,14 @@ def test_layouts_are_what_they_say(layout):
     assert x.is_contiguous() == (layout in ("contiguous", "offset"))
     assert (memory_order_view(x) is not None) == (layout != "strided")
     assert (x.storage_offset() == 1) == (layout == "offset")
+
+
+@pytest.mark.parametrize(("device", "impl"), COMPILED_PATHS)
+def test_many_with_more_programs_than_one_reduction_chunk(device, impl):
+    """On a GPU the grid reaches a thousand programs: the last program's reduction then reads several chunks of
+    partials, per tensor. Checked against the torch path on large and small tensors together."""
+    xs = [_seeded_tensor(dtype, numel, seed, 4, device) for seed, (dtype, numel) in enumerate(
+        [(torch.float16, 2**23 + 11), (torch.float16, 5), (torch.float16, 3 * 2**20), (torch.bfloat16, 2**22)]
+    )]  # fmt: skip
+    assert torch.equal(finite_stats_many(xs, impl=impl).cpu(), torch.stack([reference_stats(x.cpu()) for x in xs]))
+    assert torch.equal(finite_stats(xs[0], impl=impl).cpu(), reference_stats(xs[0].cpu()))
