@@ -47,6 +47,7 @@ VECTOR_BYTES = 16  # one thread's load: 8 fp16/bf16 or 4 fp32 elements, reduced 
 TILE_BYTES = 16384  # what one program reads per loop step: four vectors per thread with 8 warps
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 8  # persistent grid: at most this many programs per SM, each striding over the tensor's tiles
+_REDUCE = True  # False only in diagnostics: partials without the final reduction
 REDUCE_LANES = 256  # the last program's reduction reads the partials in chunks of this many columns
 INTERPRETER_PROGRAMS = 3  # under TRITON_INTERPRET=1 there are no SMs; an odd count makes the grid-stride loop uneven
 
@@ -319,6 +320,7 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
             BLOCK=block,
             BLOCK_T=kernels.next_power_of_2(len(sources)),
             BLOCK_P=REDUCE_LANES,
+            REDUCE=_REDUCE,
             VEC=VECTOR_BYTES // size,
             num_warps=NUM_WARPS,
         )
@@ -404,33 +406,44 @@ def _triton_kernels() -> types.SimpleNamespace:
         BLOCK: tl.constexpr, VEC: tl.constexpr,
     ):
         # Program `program` of `programs` over tiles program, program + programs, ... of x (n elements). First pass:
-        # the largest magnitude, NaN and inf included, one max per element, the full tiles unmasked (vector loads)
-        # and no barrier in the loop. Only when that is at or beyond the dtype's max (a saturated, infinite or NaN
-        # value: rare) does the program count exactly, reading its tiles again. Returns (nonfinite, nan, largest
-        # finite |x| as float64, saturated).
+        # per row (one thread's vector, reduced in registers, no barrier in the loop) the largest magnitude, and the
+        # first and last tile where a row reached the dtype's max (a saturated, infinite or NaN value: rare). Full
+        # tiles load unmasked (vector loads). Only the tiles from the first to the last such tile are read again, to
+        # count exactly and to take the largest finite magnitude there; elsewhere the first pass's max is finite.
+        # Returns (nonfinite, nan, largest finite |x| as float64, saturated).
         same_width_int = tl.int16 if BITS == 16 else tl.int32
         lanes = tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
         full = n // BLOCK
-        max_bits = tl.zeros([BLOCK // VEC], dtype=tl.int32)
+        clean_max = tl.zeros([BLOCK // VEC], dtype=tl.int32)  # rows with nothing at or beyond the max
+        first_rows = tl.full([BLOCK // VEC], 2**62, dtype=tl.int64)
+        last_rows = tl.full([BLOCK // VEC], -1, dtype=tl.int64)
         for tile in range(program, full, programs):
             raw = tl.load(x_ptr + tile * BLOCK + lanes)
-            bits = raw.to(same_width_int, bitcast=True).to(tl.int32)
-            max_bits = tl.maximum(max_bits, tl.max(bits & ((1 << (BITS - 1)) - 1), axis=1))
+            row_max = tl.max(raw.to(same_width_int, bitcast=True).to(tl.int32) & ((1 << (BITS - 1)) - 1), axis=1)
+            special = row_max >= MAX_BITS
+            clean_max = tl.maximum(clean_max, tl.where(special, 0, row_max))
+            first_rows = tl.where(special, tl.minimum(first_rows, tile), first_rows)
+            last_rows = tl.where(special, tile, last_rows)
         if (n % BLOCK != 0) & (program == full % programs):
             offsets = full * BLOCK + lanes
             raw = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
-            bits = raw.to(same_width_int, bitcast=True).to(tl.int32)
-            max_bits = tl.maximum(max_bits, tl.max(bits & ((1 << (BITS - 1)) - 1), axis=1))
-        largest_bits = tl.max(max_bits, axis=0)
+            row_max = tl.max(raw.to(same_width_int, bitcast=True).to(tl.int32) & ((1 << (BITS - 1)) - 1), axis=1)
+            special = row_max >= MAX_BITS
+            clean_max = tl.maximum(clean_max, tl.where(special, 0, row_max))
+            first_rows = tl.where(special, tl.minimum(first_rows, full), first_rows)
+            last_rows = tl.where(special, full, last_rows)
+        largest_bits = tl.max(clean_max, axis=0)
+        first_special = tl.min(first_rows, axis=0)
+        last_special = tl.max(last_rows, axis=0)
         nonfinite = program * 0
         nan = program * 0
         saturated = program * 0
-        if largest_bits >= MAX_BITS:
+        if last_special >= 0:
             counts_nonfinite = tl.zeros([BLOCK // VEC], dtype=tl.int32)
             counts_nan = tl.zeros([BLOCK // VEC], dtype=tl.int32)
             counts_saturated = tl.zeros([BLOCK // VEC], dtype=tl.int32)
             finite_bits = tl.zeros([BLOCK // VEC], dtype=tl.int32)
-            for tile in range(program, tl.cdiv(n, BLOCK), programs):
+            for tile in range(first_special, last_special + 1, programs):
                 offsets = tile * BLOCK + lanes
                 raw = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
                 magnitude = raw.to(same_width_int, bitcast=True).to(tl.int32) & ((1 << (BITS - 1)) - 1)
@@ -442,7 +455,7 @@ def _triton_kernels() -> types.SimpleNamespace:
             nonfinite = tl.sum(counts_nonfinite.to(tl.int64), axis=0)
             nan = tl.sum(counts_nan.to(tl.int64), axis=0)
             saturated = tl.sum(counts_saturated.to(tl.int64), axis=0)
-            largest_bits = tl.max(finite_bits, axis=0)
+            largest_bits = tl.maximum(largest_bits, tl.max(finite_bits, axis=0))
         if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is float32's upper half: widened exactly, subnormals too
             largest = (largest_bits << 16).to(tl.float32, bitcast=True)
         else:
@@ -542,6 +555,7 @@ def _triton_kernels() -> types.SimpleNamespace:
         SINGLE: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        REDUCE: tl.constexpr,
         BLOCK_P: tl.constexpr,
         VEC: tl.constexpr,
     ):
@@ -570,8 +584,8 @@ def _triton_kernels() -> types.SimpleNamespace:
         tl.store(column + grid, nan.to(tl.float64))
         tl.store(column + 2 * grid, largest)
         tl.store(column + 3 * grid, saturated.to(tl.float64))
-        finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # releases this column, acquires the others
-        if finished == grid - 1:
+        finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel") if REDUCE else program  # releases this column, acquires the others
+        if REDUCE and finished == grid - 1:
             # in chunks of BLOCK_P columns: a wide reduction here would cost the streaming loop above its registers
             lanes = tl.arange(0, BLOCK_P)
             stats_ptr = scratch_ptr + 4 * grid
