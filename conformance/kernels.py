@@ -47,7 +47,6 @@ VECTOR_BYTES = 16  # one thread's load: 8 fp16/bf16 or 4 fp32 elements, reduced 
 TILE_BYTES = 16384  # what one program reads per loop step: four vectors per thread with 8 warps
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 8  # persistent grid: at most this many programs per SM, each striding over the tensor's tiles
-_REDUCE = True  # False only in diagnostics: partials without the final reduction
 REDUCE_LANES = 256  # the last program's reduction reads the partials in chunks of this many columns
 INTERPRETER_PROGRAMS = 3  # under TRITON_INTERPRET=1 there are no SMs; an odd count makes the grid-stride loop uneven
 
@@ -320,7 +319,6 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
             BLOCK=block,
             BLOCK_T=kernels.next_power_of_2(len(sources)),
             BLOCK_P=REDUCE_LANES,
-            REDUCE=_REDUCE,
             VEC=VECTOR_BYTES // size,
             num_warps=NUM_WARPS,
         )
@@ -378,7 +376,13 @@ def _multiprocessors(device_index: int) -> int:
 def _triton_kernels() -> types.SimpleNamespace:
     """The kernels, defined (and triton imported) on first use, so that importing this module never needs triton.
 
-    ``stats_partials`` runs a persistent grid: program ``p`` of ``P`` reads tiles ``p, p + P, ...`` of ``BLOCK``
+    The check (``finite_stats``, ``finite_stats_many``) is ``stats_many``: one launch over one or many tensors, built
+    on ``finite_stats_of_tiles`` (a max-only first pass with no barrier in its loop; exact counts only over the
+    tiles between a program's first and last special tile), and the last program to finish reduces the partials (a
+    completion counter in the zeroed scratch). On an H200 it reads 200 MiB of fp16 in 59 us, 3.5 TB/s.
+
+    The clamp (``clamp_with_stats``) is ``stats_partials`` plus ``reduce_partials``. ``stats_partials`` runs a
+    persistent grid: program ``p`` of ``P`` reads tiles ``p, p + P, ...`` of ``BLOCK``
     elements, each element once, and works on their bits: ``bits & ABS`` is the magnitude, and integer comparisons
     with the dtype's max and inf patterns classify it (a NaN's magnitude is above inf's). A tile is
     ``[BLOCK // VEC, VEC]``, one row per thread's 16-byte vector, so row reductions stay in registers and the
@@ -392,7 +396,7 @@ def _triton_kernels() -> types.SimpleNamespace:
 
     At the end each program reduces its rows (int64 counts) and stores one float64 column of the ``[stats, P]``
     partials; ``reduce_partials``, one program, sums the counts and takes the max across programs (float64: exact
-    below 2**53). Two launches, no atomics, no zero-fill, deterministic.
+    below 2**53). Two launches, no atomics, no zero-fill.
 
     ``tl`` is bound as a module global because triton resolves the names a kernel uses in its ``__globals__``.
     """
@@ -555,7 +559,6 @@ def _triton_kernels() -> types.SimpleNamespace:
         SINGLE: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCK_T: tl.constexpr,
-        REDUCE: tl.constexpr,
         BLOCK_P: tl.constexpr,
         VEC: tl.constexpr,
     ):
@@ -584,8 +587,8 @@ def _triton_kernels() -> types.SimpleNamespace:
         tl.store(column + grid, nan.to(tl.float64))
         tl.store(column + 2 * grid, largest)
         tl.store(column + 3 * grid, saturated.to(tl.float64))
-        finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel") if REDUCE else program  # releases this column, acquires the others
-        if REDUCE and finished == grid - 1:
+        finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # releases this column, acquires the others
+        if finished == grid - 1:
             # in chunks of BLOCK_P columns: a wide reduction here would cost the streaming loop above its registers
             lanes = tl.arange(0, BLOCK_P)
             stats_ptr = scratch_ptr + 4 * grid
