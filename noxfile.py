@@ -1,4 +1,12 @@
-"""Sessions: `nox -s suite` runs the conformance suite, `nox -s tests` runs the harness' own tests.
+"""Sessions, each writing its reports into its own directory under reports/:
+
+* ``suite``   the default run of the conformance suite (reports/suite)
+* ``tests``   the harness' own tests, then the benchmarks as a smoke test (reports/tests: junit.xml) - what CI runs
+* ``nightly`` the full matrix: every family, component, precision, available backend, profile and guard, with the fp32
+              outputs saved so the run can serve as a gate baseline (reports/nightly); on CPU or GPU
+* ``gpu``     the suite on CUDA at tiny and real scale (reports/gpu)
+* ``bench``   pytest-benchmark over benchmarks/ (reports/bench/benchmark.json)
+* ``gate``    the upgrade gate: ``nox -s gate -- --baseline A --candidate B`` (reports/gate)
 
 Each session's virtualenv sees the system site-packages, so a torch that is already installed (a GPU runner's CUDA
 build) is used as is. Where there is none, the session installs ``$CONFORMANCE_TORCH`` (default ``torch==2.13.0``,
@@ -13,6 +21,7 @@ import os
 import nox
 
 nox.options.sessions = ["tests"]
+REPORTS = "reports"
 nox.options.reuse_venv = "yes"
 
 VENV = ["--system-site-packages"]
@@ -37,13 +46,58 @@ def _install(session: nox.Session, constraints: bool) -> None:
 
 @nox.session(venv_params=VENV)
 def suite(session: nox.Session) -> None:
-    """The conformance suite (reports in reports/latest unless --report-dir is given)."""
+    """The conformance suite, default selection (reports/suite; --report-dir in the arguments wins)."""
     _install(session, constraints=False)
-    session.run("pytest", "suites", *session.posargs, success_codes=[0, 5])
+    session.run("pytest", "suites", "--report-dir", f"{REPORTS}/suite", *session.posargs, success_codes=[0, 5])
 
 
 @nox.session(venv_params=VENV)
 def tests(session: nox.Session) -> None:
-    """The harness' own tests, with the CI pins (stable goldens)."""
+    """The harness' own tests with the CI pins (stable goldens), then the benchmarks once each, untimed (smoke)."""
     _install(session, constraints=True)
-    session.run("pytest", "tests", "--hypothesis-profile=ci", *session.posargs, success_codes=[0, 5])
+    session.run("pytest", "tests", "--hypothesis-profile=ci", f"--junitxml={REPORTS}/tests/junit.xml", *session.posargs, success_codes=[0, 5])
+    session.run("pytest", "benchmarks", "-m", "bench", "--benchmark-disable", "-q", success_codes=[0, 5])
+
+
+@nox.session(venv_params=VENV)
+def nightly(session: nox.Session) -> None:
+    """The full matrix (reports/nightly): every profile, every guard, tiny scale on CPU, tiny and real on CUDA.
+    With ``--comfyui PATH`` (or COMFYUI_PATH) the checkout is the subject. The run's fp32 outputs are kept
+    (--save-outputs), so reports/nightly can be the baseline of tomorrow's gate."""
+    _install(session, constraints=False)
+    cuda = "True" in str(session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True))
+    scale = "tiny,real" if cuda else "tiny"
+    session.run(
+        "pytest", "suites", "--guard", "all", "--scale", scale, "--save-outputs", "--report-dir", f"{REPORTS}/nightly",
+        *session.posargs, success_codes=[0, 5],
+    )  # fmt: skip
+    session.log(f"reports: {REPORTS}/nightly (report.html, summary.md, results.json, junit.xml)")
+
+
+@nox.session(venv_params=VENV)
+def gpu(session: nox.Session) -> None:
+    """The suite on CUDA, tiny and real scale (reports/gpu). Refuses to run without a GPU rather than run on CPU."""
+    _install(session, constraints=False)
+    session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'nox -s gpu: no CUDA device')")
+    session.run("pytest", "suites", "--device", "cuda", "--scale", "tiny,real", "--report-dir", f"{REPORTS}/gpu", *session.posargs, success_codes=[0, 5])
+
+
+@nox.session(venv_params=VENV)
+def bench(session: nox.Session) -> None:
+    """pytest-benchmark over benchmarks/ (reports/bench/benchmark.json; the gate compares medians from it). On a
+    CPU the small sizes run, as a smoke test."""
+    _install(session, constraints=False)
+    session.run(
+        "pytest", "benchmarks", "-m", "bench", f"--benchmark-json={REPORTS}/bench/benchmark.json", *session.posargs,
+        success_codes=[0, 5],
+    )  # fmt: skip
+
+
+@nox.session(venv_params=VENV)
+def gate(session: nox.Session) -> None:
+    """The upgrade gate: ``nox -s gate -- --baseline A --candidate B [--accept-semantics] [--suite-args "..."]``,
+    A and B ComfyUI checkouts or report directories (reports/gate unless --out is given)."""
+    _install(session, constraints=False)
+    if not session.posargs:
+        session.error("usage: nox -s gate -- --baseline A --candidate B (ComfyUI checkouts or report directories)")
+    session.run("python", "-m", "conformance", "gate", "--out", f"{REPORTS}/gate", *session.posargs)

@@ -158,7 +158,23 @@ def write_reports(report_dir: Path, run: dict, results: Sequence[CaseResult]) ->
     ):
         _atomic_write_text(report_dir / name, text)
         written.append(report_dir / name)
+    html = _html_report(report_dir, results_document(run, results))
+    if html is not None:
+        written.append(html)
     return written
+
+
+def _html_report(report_dir: Path, document: dict) -> Path | None:
+    """report.html (heatmaps drawn with matplotlib, embedded). A run without matplotlib still writes its other
+    reports; ``python -m conformance html DIR`` draws it later."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("report.html not written: matplotlib is not installed (pip install matplotlib)")
+        return None
+    from .html_report import render_html
+
+    return render_html(document, report_dir / "report.html")
 
 
 TERMINAL_COLUMNS = ("component", "scale", "precision", "backend", "profile", "outcome", "rel_l2", "max |x|", "headroom", "sat", "first non-finite", "calls", "s")

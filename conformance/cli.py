@@ -1,0 +1,203 @@
+"""``python -m conformance``: the upgrade gate, the ratchet writer and the HTML report, for a shell or a CI job.
+
+``gate`` takes two sides, each a report directory (holds ``results.json``) or a ComfyUI checkout (holds
+``comfy/model_management.py``). A checkout is run through the suite first, in its own pytest process (ComfyUI can be
+imported once per process), with ``--save-outputs`` so the gate can compare fp32 outputs; then the two report
+directories are compared. gate.md, gate.html and gate.json go to ``--out``; the markdown summary is printed; the
+exit code is the gate's (0 pass, 1 regressed, 3 semantics changed, 4 benchmark slowdown; 2 usage or input error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import conformance
+
+from .gate import DEFAULT_FP32_RTOL, DEFAULT_MARGIN
+from .rundir import RESULTS_FILE, ReportDirError
+
+REPO_ROOT = Path(conformance.__file__).resolve().parent.parent
+DEFAULT_GATE_DIR = REPO_ROOT / "reports" / "gate"
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """An input problem the user can fix; printed without a traceback, exit code 2."""
+
+
+def is_report_dir(path: Path) -> bool:
+    return (path / RESULTS_FILE).is_file()
+
+
+def is_comfyui_checkout(path: Path) -> bool:
+    return (path / "comfy" / "model_management.py").is_file()
+
+
+def suite_command(checkout: Path, report_dir: Path, suite_args: list[str]) -> list[str]:
+    """The pytest command that runs the suite on one ComfyUI checkout (``--comfyui=PATH``: see the README)."""
+    return [sys.executable, "-m", "pytest", "suites", "-q", f"--comfyui={checkout}", "--save-outputs", "--report-dir", str(report_dir), *suite_args]
+
+
+def run_suite(checkout: Path, report_dir: Path, suite_args: list[str]) -> Path:
+    """Run the suite on ``checkout`` into ``report_dir`` (emptied of an earlier run's results first); its output
+    goes to stderr so that stdout carries only the gate's summary."""
+    results = report_dir / RESULTS_FILE
+    results.unlink(missing_ok=True)
+    shutil.rmtree(report_dir / "outputs", ignore_errors=True)  # stale outputs would be compared as this run's
+    report_dir.mkdir(parents=True, exist_ok=True)
+    command = suite_command(checkout, report_dir, suite_args)
+    print(f"[gate] {shlex.join(command)}", file=sys.stderr, flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}  # --comfyui names the checkout; nothing else may
+    with subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # streamed: a real-scale run takes minutes
+            sys.stderr.write(line)
+    # pytest: 0 all passed, 1 some failed (the gate's business); anything else means no usable run
+    if proc.returncode not in (0, 1) or not results.is_file():
+        raise CliError(f"the suite on {checkout} exited with {proc.returncode} and wrote no {results}; its output is above")
+    return report_dir
+
+
+def resolve_side(label: str, path: Path, out_dir: Path, suite_args: list[str]) -> Path:
+    path = path.expanduser().resolve()
+    if is_report_dir(path):
+        if suite_args:
+            print(f"[gate] {label}: {path} is a report directory; --suite-args ignored for it", file=sys.stderr)
+        return path
+    if is_comfyui_checkout(path):
+        return run_suite(path, out_dir / label, suite_args)
+    raise CliError(f"--{label} {path}: neither a report directory (no {RESULTS_FILE}) nor a ComfyUI checkout (no comfy/model_management.py)")
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from .gate import compare_runs
+    from .gate_report import gate_html, gate_markdown
+
+    out_dir = Path(args.out).expanduser().resolve()
+    suite_args = shlex.split(args.suite_args or "")
+    baseline = resolve_side("baseline", Path(args.baseline), out_dir, suite_args)
+    candidate = resolve_side("candidate", Path(args.candidate), out_dir, suite_args)
+    result = compare_runs(
+        baseline,
+        candidate,
+        margin=args.margin,
+        fp32_rtol=args.fp32_rtol,
+        accept_semantics=args.accept_semantics,
+        fail_on_benchmark_slowdown=args.fail_on_benchmark_slowdown,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "gate.md", gate_markdown(result))
+    _atomic_write(out_dir / "gate.html", gate_html(result))
+    _atomic_write(out_dir / "gate.json", json.dumps(result.as_dict(), indent=1) + "\n")
+    print(gate_markdown(result, include_unchanged=False))
+    print(f"gate report: {out_dir / 'gate.md'}, {out_dir / 'gate.html'}, {out_dir / 'gate.json'}")
+    return result.exit_code
+
+
+def cmd_expectations(args: argparse.Namespace) -> int:
+    from .expectations_io import write_expectations
+
+    path = write_expectations(Path(args.source), Path(args.out))
+    print(f"expectations: {path}")
+    return 0
+
+
+def cmd_html(args: argparse.Namespace) -> int:
+    from .html_report import render_html
+    from .rundir import load_results
+
+    report_dir = Path(args.report_dir)
+    path = render_html(load_results(report_dir), Path(args.out) if args.out else report_dir)
+    print(f"report: {path}")
+    return 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m conformance", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gate = sub.add_parser("gate", help="compare a candidate run (or ComfyUI checkout) with a baseline", description=__doc__.split("\n\n")[1])
+    gate.add_argument("--baseline", required=True, help="report directory or ComfyUI checkout")
+    gate.add_argument("--candidate", required=True, help="report directory or ComfyUI checkout")
+    gate.add_argument("--margin", type=_fraction, default=DEFAULT_MARGIN, help="relative rel_l2 slack over the baseline (default 0.10; budget/10 is added)")
+    gate.add_argument(
+        "--fp32-rtol", type=_positive, default=DEFAULT_FP32_RTOL, help="fp32 outputs further than this rel-L2 from the baseline's change semantics (default 1e-5)"
+    )
+    gate.add_argument("--accept-semantics", action="store_true", help="semantics changes do not fail the gate (they are still reported)")
+    gate.add_argument(
+        "--fail-on-benchmark-slowdown", type=_fraction, default=None, metavar="FRACTION", help="fail when a benchmark's median is more than this fraction slower (default: report only)"
+    )
+    gate.add_argument("--out", default=str(DEFAULT_GATE_DIR), help=f"where gate.md, gate.html, gate.json and checkout runs go (default {DEFAULT_GATE_DIR})")
+    gate.add_argument("--suite-args", default="", help='extra pytest arguments for checkout runs, one string: --suite-args "-m qwen --scale tiny"')
+    gate.set_defaults(func=cmd_gate)
+
+    exp = sub.add_parser("expectations", help="write the ratchet file (--expectations) from a run")
+    exp.add_argument("--from", dest="source", required=True, metavar="REPORT_DIR", help="report directory of the baseline run")
+    exp.add_argument("--out", required=True, metavar="FILE", help="ratchet file to write")
+    exp.set_defaults(func=cmd_expectations)
+
+    page = sub.add_parser("html", help="write report.html for an existing report directory")
+    page.add_argument("report_dir", help="report directory (holds results.json)")
+    page.add_argument("--out", default=None, help="file or directory (default: the report directory)")
+    page.set_defaults(func=cmd_html)
+    return parser
+
+
+def _glue_suite_args(argv: list[str]) -> list[str]:
+    """``--suite-args "-m qwen"`` as one token: argparse would read a value that starts with '-' as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--suite-args" and i + 1 < len(argv):
+            out.append(f"--suite-args={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _glue_suite_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # argparse: --help (0) or a usage error (2, message already printed)
+        return int(exit.code or 0)
+    try:
+        return args.func(args)
+    except (CliError, ReportDirError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
