@@ -16,6 +16,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import conformance
@@ -45,34 +47,96 @@ def suite_command(checkout: Path, report_dir: Path, suite_args: list[str]) -> li
     return [sys.executable, "-m", "pytest", "suites", "-q", f"--comfyui={checkout}", "--save-outputs", "--report-dir", str(report_dir), *suite_args]
 
 
+GATE_TIER = ["--profile", "nominal,massive"]  # what a checkout is run with unless --suite-args names profiles
+
+
+def gate_suite_args(suite_args: list[str]) -> list[str]:
+    """The gate tier: the nominal profile (where a change of the math shows, see gate.py) and ``massive`` (where fp16
+    overflow regressions show), every family, precision and backend; the stress profiles are the nightly's. Any
+    ``--profile`` in ``--suite-args`` replaces it."""
+    if any(arg == "--profile" or arg.startswith("--profile=") for arg in suite_args):
+        return suite_args
+    return [*GATE_TIER, *suite_args]
+
+
+class SuiteRun:
+    """The suite running on one checkout in its own process (ComfyUI can be imported once per process), its output
+    streamed to stderr with the side's label, so that stdout carries only the gate's summary."""
+
+    def __init__(self, label: str, checkout: Path, report_dir: Path, suite_args: list[str], threads: int | None) -> None:
+        self.label, self.checkout, self.report_dir = label, checkout, report_dir
+        self.results = report_dir / RESULTS_FILE
+        self.results.unlink(missing_ok=True)
+        shutil.rmtree(report_dir / "outputs", ignore_errors=True)  # stale outputs would be compared as this run's
+        report_dir.mkdir(parents=True, exist_ok=True)
+        command = suite_command(checkout, report_dir, suite_args)
+        print(f"[gate] {label}: {shlex.join(command)}", file=sys.stderr, flush=True)
+        env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}  # --comfyui names the checkout; nothing else may
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)  # two runs side by side share the cores instead of fighting for them
+        self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.pump = threading.Thread(target=self._stream, daemon=True)
+        self.pump.start()
+
+    def _stream(self) -> None:
+        for line in self.proc.stdout:  # streamed: a real-scale run takes minutes
+            sys.stderr.write(f"[{self.label}] {line}")
+
+    def wait(self) -> Path:
+        self.proc.wait()
+        self.pump.join()
+        # pytest: 0 all passed, 1 some failed (the gate's business); anything else means no usable run
+        if self.proc.returncode not in (0, 1) or not self.results.is_file():
+            raise CliError(f"the suite on {self.checkout} exited with {self.proc.returncode} and wrote no {self.results}; its output is above")
+        return self.report_dir
+
+
 def run_suite(checkout: Path, report_dir: Path, suite_args: list[str]) -> Path:
-    """Run the suite on ``checkout`` into ``report_dir`` (emptied of an earlier run's results first); its output
-    goes to stderr so that stdout carries only the gate's summary."""
-    results = report_dir / RESULTS_FILE
-    results.unlink(missing_ok=True)
-    shutil.rmtree(report_dir / "outputs", ignore_errors=True)  # stale outputs would be compared as this run's
-    report_dir.mkdir(parents=True, exist_ok=True)
-    command = suite_command(checkout, report_dir, suite_args)
-    print(f"[gate] {shlex.join(command)}", file=sys.stderr, flush=True)
-    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}  # --comfyui names the checkout; nothing else may
-    with subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:  # streamed: a real-scale run takes minutes
-            sys.stderr.write(line)
-    # pytest: 0 all passed, 1 some failed (the gate's business); anything else means no usable run
-    if proc.returncode not in (0, 1) or not results.is_file():
-        raise CliError(f"the suite on {checkout} exited with {proc.returncode} and wrote no {results}; its output is above")
-    return report_dir
+    """Run the suite on ``checkout`` into ``report_dir`` (emptied of an earlier run's results first)."""
+    return SuiteRun(report_dir.name, checkout, report_dir, suite_args, None).wait()
 
 
 def resolve_side(label: str, path: Path, out_dir: Path, suite_args: list[str]) -> Path:
+    """One side's report directory: a report directory as is, a ratchet file converted, a checkout run."""
+    from .expectations_io import is_expectations_file, results_from_expectations
+
     path = path.expanduser().resolve()
+    if path.is_file() and is_expectations_file(path):
+        side = out_dir / label
+        side.mkdir(parents=True, exist_ok=True)
+        _atomic_write(side / RESULTS_FILE, json.dumps(results_from_expectations(path), indent=1) + "\n")
+        print(f"[gate] {label}: the ratchet file {path} (no saved outputs: no fp32 semantics check on this side)", file=sys.stderr)
+        return side
     if is_report_dir(path):
         if suite_args:
             print(f"[gate] {label}: {path} is a report directory; --suite-args ignored for it", file=sys.stderr)
         return path
     if is_comfyui_checkout(path):
-        return run_suite(path, out_dir / label, suite_args)
-    raise CliError(f"--{label} {path}: neither a report directory (no {RESULTS_FILE}) nor a ComfyUI checkout (no comfy/model_management.py)")
+        return run_suite(path, out_dir / label, gate_suite_args(suite_args))
+    raise CliError(
+        f"--{label} {path}: neither a report directory (no {RESULTS_FILE}), a ComfyUI checkout (no comfy/model_management.py)"
+        " nor a ratchet file (python -m conformance expectations)"
+    )
+
+
+def resolve_sides(sides: list[tuple[str, Path]], out_dir: Path, suite_args: list[str], jobs: int) -> list[Path]:
+    """Each side's report directory: as given, converted from a ratchet file, or run from a checkout. Checkouts run
+    ``jobs`` at a time (two by default: both sides at once, each with half the cores)."""
+    resolved: dict[str, Path] = {}
+    pending = []
+    for label, path in sides:
+        path = path.expanduser().resolve()
+        if is_comfyui_checkout(path) and not is_report_dir(path):
+            pending.append((label, path))
+        else:
+            resolved[label] = resolve_side(label, path, out_dir, suite_args)
+    threads = max(1, (os.cpu_count() or 2) // max(1, min(jobs, len(pending)))) if pending else None
+    while pending:
+        batch, pending = pending[:jobs], pending[jobs:]
+        runs = [SuiteRun(label, path, out_dir / label, gate_suite_args(suite_args), threads if len(batch) > 1 else None) for label, path in batch]
+        for run in runs:
+            resolved[run.label] = run.wait()
+    return [resolved[label] for label, _ in sides]
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -81,8 +145,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out).expanduser().resolve()
     suite_args = shlex.split(args.suite_args or "")
-    baseline = resolve_side("baseline", Path(args.baseline), out_dir, suite_args)
-    candidate = resolve_side("candidate", Path(args.candidate), out_dir, suite_args)
+    started = time.monotonic()
+    baseline, candidate = resolve_sides([("baseline", Path(args.baseline)), ("candidate", Path(args.candidate))], out_dir, suite_args, args.jobs)
     result = compare_runs(
         baseline,
         candidate,
@@ -96,16 +160,36 @@ def cmd_gate(args: argparse.Namespace) -> int:
     _atomic_write(out_dir / "gate.html", gate_html(result))
     _atomic_write(out_dir / "gate.json", json.dumps(result.as_dict(), indent=1) + "\n")
     print(gate_markdown(result, include_unchanged=False))
-    print(f"gate report: {out_dir / 'gate.md'}, {out_dir / 'gate.html'}, {out_dir / 'gate.json'}")
+    print(f"gate report: {out_dir / 'gate.md'}, {out_dir / 'gate.html'}, {out_dir / 'gate.json'} ({time.monotonic() - started:.0f} s)")
     return result.exit_code
 
 
 def cmd_expectations(args: argparse.Namespace) -> int:
     from .expectations_io import write_expectations
 
-    path = write_expectations(Path(args.source), Path(args.out))
-    print(f"expectations: {path}")
+    out = Path(args.out)
+    old = _ratchet_cases(out)
+    if old is not None and not args.replace:
+        raise CliError(f"{out} exists ({len(old)} cases); pass --replace to overwrite it (the changes are then listed)")
+    path = write_expectations(Path(args.source), out)
+    if old is None:
+        print(f"expectations: {path}")
+        return 0
+    new = _ratchet_cases(path) or {}
+    changed = sorted(i for i in set(old) & set(new) if old[i] != new[i])
+    print(f"expectations: {path} replaced: {len(changed)} changed, {len(set(new) - set(old))} added, {len(set(old) - set(new))} removed")
+    for case_id in changed[:50]:
+        print(f"  {case_id}: rel_l2 {old[case_id].get('rel_l2')} -> {new[case_id].get('rel_l2')}, {old[case_id].get('outcome')} -> {new[case_id].get('outcome')}")
     return 0
+
+
+def _ratchet_cases(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("cases") or {}
+    except (OSError, ValueError, AttributeError):
+        raise CliError(f"{path} exists and is not a ratchet file; not overwriting it") from None
 
 
 def cmd_html(args: argparse.Namespace) -> int:
@@ -151,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gate = sub.add_parser("gate", help="compare a candidate run (or ComfyUI checkout) with a baseline", description=__doc__.split("\n\n")[1])
-    gate.add_argument("--baseline", required=True, help="report directory or ComfyUI checkout")
+    gate.add_argument("--baseline", required=True, help="report directory, ComfyUI checkout or ratchet file")
     gate.add_argument("--candidate", required=True, help="report directory or ComfyUI checkout")
     gate.add_argument("--margin", type=_fraction, default=DEFAULT_MARGIN, help="relative rel_l2 slack over the baseline (default 0.10; budget/10 is added)")
     gate.add_argument(
@@ -162,12 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-on-benchmark-slowdown", type=_fraction, default=None, metavar="FRACTION", help="fail when a benchmark's median is more than this fraction slower (default: report only)"
     )
     gate.add_argument("--out", default=str(DEFAULT_GATE_DIR), help=f"where gate.md, gate.html, gate.json and checkout runs go (default {DEFAULT_GATE_DIR})")
+    gate.add_argument("--jobs", type=int, default=2, help="checkout runs at a time (default 2: both sides at once)")
     gate.add_argument("--suite-args", default="", help='extra pytest arguments for checkout runs, one string: --suite-args "-m qwen --scale tiny"')
     gate.set_defaults(func=cmd_gate)
 
     exp = sub.add_parser("expectations", help="write the ratchet file (--expectations) from a run")
     exp.add_argument("--from", dest="source", required=True, metavar="REPORT_DIR", help="report directory of the baseline run")
-    exp.add_argument("--out", required=True, metavar="FILE", help="ratchet file to write")
+    exp.add_argument("--out", required=True, metavar="FILE", help="ratchet file to write, e.g. expectations/comfyui-0.3.64.json")
+    exp.add_argument("--replace", action="store_true", help="overwrite an existing ratchet file (the changed cases are listed)")
     exp.set_defaults(func=cmd_expectations)
 
     page = sub.add_parser("html", help="write report.html for an existing report directory")

@@ -20,13 +20,50 @@ from pathlib import Path
 from .rundir import EXECUTED, cases_by_id, load_results, rel_l2
 
 FORMAT = 1
+CASE_KEYS = ("subject", "family", "component", "scale", "precision", "backend", "profile", "guard")
+
+
+def is_expectations_file(path: Path) -> bool:
+    """Whether ``path`` is a ratchet file this module wrote (a JSON object with ``format`` and a ``cases`` object)."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("format") == FORMAT and isinstance(document.get("cases"), dict)
+
+
+def results_from_expectations(path: Path) -> dict:
+    """A results document holding a ratchet file's cases, so that the gate can take the ratchet as its baseline: the
+    verdicts then rest on rel_l2, outcome and first non-finite location (no saved outputs: no fp32 semantics check)."""
+    document = json.loads(Path(path).read_text())
+    cases = []
+    for case_id, entry in document["cases"].items():
+        case = {key: entry.get(key) for key in CASE_KEYS}
+        case.update(
+            id=case_id,
+            outcome=entry.get("outcome"),
+            reason="",
+            metrics={"rel_l2": entry.get("rel_l2")},
+            budget=entry.get("budget") or {},
+            first_nonfinite=entry.get("first_nonfinite"),
+        )
+        cases.append(case)
+    run = {"subject": document.get("subject") or {}, **(document.get("source") or {}), "expectations_file": str(path)}
+    return {"schema_version": 1, "run": run, "cases": cases}
 
 
 def expectations_document(document: dict, report_dir: Path | None = None) -> dict:
     """The ratchet document of a results document (``report_dir`` is recorded as provenance only)."""
     run = document["run"]
     cases = {
-        case_id: {"rel_l2": rel_l2(case), "outcome": case["outcome"]}
+        case_id: {
+            "rel_l2": rel_l2(case),
+            "outcome": case["outcome"],
+            # what the gate needs to read the file as a baseline run (python -m conformance gate --baseline FILE)
+            **{key: case.get(key) for key in CASE_KEYS},
+            "budget": {"rel_l2": (case.get("budget") or {}).get("rel_l2")},
+            "first_nonfinite": case.get("first_nonfinite"),
+        }
         for case_id, case in cases_by_id(document).items()
         if case["outcome"] in EXECUTED
     }

@@ -235,13 +235,15 @@ def test_expectations_round_trip_through_load_ratchet(real, tmp_path):
     document = load(real)
     assert written["format"] == 1 and written["subject"] == document["run"]["subject"]
     ran = executed(document)
-    assert written["cases"] == {c["id"]: {"rel_l2": c["metrics"]["rel_l2"], "outcome": c["outcome"]} for c in ran}
+    assert {i: (e["rel_l2"], e["outcome"]) for i, e in written["cases"].items()} == {c["id"]: (c["metrics"]["rel_l2"], c["outcome"]) for c in ran}
+    assert all(written["cases"][c["id"]]["component"] == c["component"] for c in ran)  # enough to serve as a baseline
     assert load_ratchet(out) == {c["id"]: c["metrics"]["rel_l2"] for c in ran}
     # a case without a finite rel_l2 is recorded with its outcome and ignored by the suite's reader
     edited = copy_report(real, tmp_path / "edited")
     edit_case(edited, FP16, outcome="error", reason="boom", metrics={})
     write_expectations(edited, out)  # overwrites in place
-    assert json.loads(out.read_text())["cases"][FP16] == {"rel_l2": None, "outcome": "error"}
+    entry = json.loads(out.read_text())["cases"][FP16]
+    assert (entry["rel_l2"], entry["outcome"]) == (None, "error")
     assert FP16 not in load_ratchet(out) and len(load_ratchet(out)) == len(ran) - 1
 
 
@@ -303,7 +305,9 @@ def test_cli_runs_the_suite_on_a_checkout(real, tmp_path, capsys):
     assert code == 2 and f"the suite on {fake}" in err
     expected = cli.suite_command(fake, out / "baseline", ["-m", "qwen_fp32 and sdpa"])
     assert expected == [sys.executable, "-m", "pytest", "suites", "-q", f"--comfyui={fake}", "--save-outputs", "--report-dir", str(out / "baseline"), "-m", "qwen_fp32 and sdpa"]
-    assert f"--comfyui={fake} --save-outputs --report-dir {out / 'baseline'} -m 'qwen_fp32 and sdpa'" in err
+    # the gate tier's profiles come first unless --suite-args names its own
+    assert f"--comfyui={fake} --save-outputs --report-dir {out / 'baseline'} --profile nominal,massive -m 'qwen_fp32 and sdpa'" in err
+    assert cli.gate_suite_args(["--profile", "nominal"]) == ["--profile", "nominal"]
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="no ComfyUI checkout: set COMFYUI_PATH to gate a checkout against itself")
@@ -321,3 +325,26 @@ def test_cli_writes_expectations_and_html(real, tmp_path, capsys):
     copy = copy_report(real, tmp_path / "run")
     assert cli.main(["html", str(copy)]) == 0
     assert (copy / "report.html").is_file() and "report.html" in capsys.readouterr().out
+
+
+def test_the_ratchet_file_is_a_gate_baseline(real, candidate, tmp_path, capsys):
+    """Written by one command from a run, read by the suite (--expectations) and by the gate (--baseline FILE)."""
+    ratchet = tmp_path / "comfyui-0.3.64.json"
+    assert cli.main(["expectations", "--from", str(real), "--out", str(ratchet)]) == 0
+    out = tmp_path / "gate"
+    assert cli.main(["gate", "--baseline", str(ratchet), "--candidate", str(candidate), "--out", str(out)]) == 0
+    assert "no fp32 semantics check" in capsys.readouterr().err
+    base = _case(real, FP16)
+    edit_case(candidate, FP16, metrics={**base["metrics"], "rel_l2": 0.5})
+    assert cli.main(["gate", "--baseline", str(ratchet), "--candidate", str(candidate), "--out", str(out)]) == EXIT_REGRESSED
+    assert f"| regressed | {FP16} |" in capsys.readouterr().out
+
+
+def test_an_existing_ratchet_file_is_not_silently_replaced(real, tmp_path, capsys):
+    ratchet = tmp_path / "exp.json"
+    assert cli.main(["expectations", "--from", str(real), "--out", str(ratchet)]) == 0
+    before = ratchet.read_text()
+    assert cli.main(["expectations", "--from", str(real), "--out", str(ratchet)]) == 2
+    assert "--replace" in capsys.readouterr().err and ratchet.read_text() == before
+    assert cli.main(["expectations", "--from", str(real), "--out", str(ratchet), "--replace"]) == 0
+    assert "replaced" in capsys.readouterr().out
