@@ -48,15 +48,15 @@ def _install(session: nox.Session, constraints: bool) -> None:
 def suite(session: nox.Session) -> None:
     """The conformance suite, default selection (reports/suite; --report-dir in the arguments wins)."""
     _install(session, constraints=False)
-    session.run("pytest", "suites", "--report-dir", f"{REPORTS}/suite", *session.posargs, success_codes=[0, 5])
+    session.run("python", "-m", "pytest", "suites", "--report-dir", f"{REPORTS}/suite", *session.posargs, success_codes=[0, 5])
 
 
 @nox.session(venv_params=VENV)
 def tests(session: nox.Session) -> None:
     """The harness' own tests with the CI pins (stable goldens), then the benchmarks once each, untimed (smoke)."""
     _install(session, constraints=True)
-    session.run("pytest", "tests", "--hypothesis-profile=ci", f"--junitxml={REPORTS}/tests/junit.xml", *session.posargs, success_codes=[0, 5])
-    session.run("pytest", "benchmarks", "-m", "bench", "--benchmark-disable", "-q", success_codes=[0, 5])
+    session.run("python", "-m", "pytest", "tests", "--hypothesis-profile=ci", f"--junitxml={REPORTS}/tests/junit.xml", *session.posargs, success_codes=[0, 5])
+    session.run("python", "-m", "pytest", "benchmarks", "-m", "bench", "--benchmark-disable", "-q", success_codes=[0, 5])
 
 
 @nox.session(venv_params=VENV)
@@ -68,7 +68,7 @@ def nightly(session: nox.Session) -> None:
     cuda = "True" in str(session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True))
     scale = "tiny,real" if cuda else "tiny"
     session.run(
-        "pytest", "suites", "--guard", "all", "--scale", scale, "--save-outputs", "--report-dir", f"{REPORTS}/nightly",
+        "python", "-m", "pytest", "suites", "--guard", "all", "--scale", scale, "--save-outputs", "--report-dir", f"{REPORTS}/nightly",
         *session.posargs, success_codes=[0, 5],
     )  # fmt: skip
     session.log(f"reports: {REPORTS}/nightly (report.html, summary.md, results.json, junit.xml)")
@@ -79,7 +79,7 @@ def gpu(session: nox.Session) -> None:
     """The suite on CUDA, tiny and real scale (reports/gpu). Refuses to run without a GPU rather than run on CPU."""
     _install(session, constraints=False)
     session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'nox -s gpu: no CUDA device')")
-    session.run("pytest", "suites", "--device", "cuda", "--scale", "tiny,real", "--report-dir", f"{REPORTS}/gpu", *session.posargs, success_codes=[0, 5])
+    session.run("python", "-m", "pytest", "suites", "--device", "cuda", "--scale", "tiny,real", "--report-dir", f"{REPORTS}/gpu", *session.posargs, success_codes=[0, 5])
 
 
 @nox.session(venv_params=VENV)
@@ -88,7 +88,7 @@ def bench(session: nox.Session) -> None:
     CPU the small sizes run, as a smoke test."""
     _install(session, constraints=False)
     session.run(
-        "pytest", "benchmarks", "-m", "bench", f"--benchmark-json={REPORTS}/bench/benchmark.json", *session.posargs,
+        "python", "-m", "pytest", "benchmarks", "-m", "bench", f"--benchmark-json={REPORTS}/bench/benchmark.json", *session.posargs,
         success_codes=[0, 5],
     )  # fmt: skip
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import conformance
 
+from .atomic import publish
 from .gate import DEFAULT_FP32_RTOL, DEFAULT_MARGIN
 from .rundir import RESULTS_FILE, ReportDirError
 
@@ -210,7 +211,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .atomic import publish
 from .rundir import EXECUTED, cases_by_id, load_results, rel_l2
 
 FORMAT = 1
@@ -84,7 +85,7 @@ def write_expectations(report_dir: Path, out_path: Path) -> Path:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, out_path)
+        publish(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import publish
+
 FORMAT = 1
 
 
@@ -192,7 +194,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -312,7 +314,7 @@ class GoldenStore:
                 save_file(tensors, tmp, metadata={"golden": f"{key.id} (format {FORMAT})"})
                 new_sha = file_sha256(Path(tmp))
                 os.chmod(tmp, _umask_mode())
-                os.replace(tmp, path)
+                publish(tmp, path)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)

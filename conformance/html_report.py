@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from .atomic import publish
 from .rundir import BACKEND_ORDER, PRECISION_ORDER, SCALE_ORDER, budget_rel_l2, check_document, load_results, ordered, rel_l2
 
 REPORT_FILE = "report.html"
@@ -492,7 +493,7 @@ def render_html(document: dict, out_path: Path) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.replace(tmp, out_path)
+        publish(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -13,6 +13,7 @@ from xml.etree import ElementTree as ET
 
 import torch
 
+from .atomic import publish
 from .results import CaseResult
 
 SCHEMA_VERSION = 1
@@ -35,7 +36,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def results_document(run: dict, results: Sequence[CaseResult]) -> dict:

@@ -150,3 +150,20 @@ def test_missing_golden_of_a_committed_identity_fails(tmp_path):
     store.write(GoldenKey("diffusers", identity, "qwen.block", "tiny", "massive"), {"img": torch.zeros(1)}, META)
     with pytest.raises(GoldenMissing, match="create it with"):
         eng.golden("qwen.block", "tiny", "nominal")
+
+
+def test_atomic_writes_leave_files_readable_like_an_ordinary_open(tmp_path):
+    """mkstemp makes 0600 files; a report or golden must get the mode open(path, "w") would give it."""
+    import os
+
+    from conformance.atomic import publish
+
+    mask = os.umask(0o022)
+    try:
+        tmp = tmp_path / ".x.tmp"
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+        publish(tmp, tmp_path / "x")
+        assert (tmp_path / "x").stat().st_mode & 0o777 == 0o644 and not tmp.exists()
+    finally:
+        os.umask(mask)
