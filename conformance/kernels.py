@@ -264,7 +264,7 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
     first tensor, so that when every tensor is 16-byte aligned the kernel can be told so and load 16-byte vectors (a
     pointer read from memory carries no alignment the compiler could see). A single tensor needs no table at all.
     Host time is what a probe pays per call, so this stays lean: no device context switch unless needed, one
-    allocation, one table copy."""
+    allocation, one table copy (from pinned memory)."""
     x0 = tensors[0]
     sources, keep = [], []
     for t in tensors:
@@ -301,8 +301,7 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
         if single:
             table = scratch  # unused
         else:
-            table = torch.tensor([[(p - base) // size for p in pointers], numels, firsts[:-1], counts], dtype=torch.int64)
-            table = table.to(x0.device, non_blocking=True)
+            table = _upload_table([(p - base) // size for p in pointers] + numels + firsts[:-1] + counts, x0.device)
         kernels.stats_many[(grid,)](
             sources[0],
             table,
@@ -324,6 +323,29 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
         )
     del keep  # the caching allocator keeps the copies' memory reserved for the stream until the kernel has run
     return scratch[len(STATS) * grid : -1].view(len(sources), len(STATS))
+
+
+# One pinned host buffer per device for the pointer tables, and the event of its last copy. A copy from pageable memory
+# goes through a driver staging buffer and can hold the host; from pinned memory it is a plain asynchronous copy.
+_STAGING: dict[torch.device, tuple[torch.Tensor, object]] = {}
+
+
+def _upload_table(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``, without waiting for the device (CUDA: through the pinned buffer,
+    reused once its previous copy has completed)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    buffer, event = _STAGING.get(device, (None, None))
+    if buffer is None or buffer.numel() < len(values):
+        buffer, event = torch.empty(max(4096, 2 * len(values)), dtype=torch.int64, pin_memory=True), torch.cuda.Event()
+    else:
+        event.synchronize()  # the previous table has left the buffer (long since, in practice)
+    buffer[: len(values)].copy_(torch.tensor(values, dtype=torch.int64))
+    table = torch.empty(len(values), dtype=torch.int64, device=device)
+    table.copy_(buffer[: len(values)], non_blocking=True)
+    event.record()
+    _STAGING[device] = (buffer, event)
+    return table
 
 
 @dataclass(frozen=True)
