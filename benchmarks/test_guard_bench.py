@@ -13,7 +13,6 @@ Each forward is timed with its CUDA synchronisation. On a CPU the tiny scale run
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 
@@ -22,34 +21,19 @@ import torch
 
 from conformance.backends import CallCounter
 from conformance.families import family_of
-from conformance.goldens import GoldenStore
 from conformance.guards import GuardContext, GuardRun, get_policy, support_reason
 from conformance.precision import get_precision
 from conformance.probes import Probes
-from conformance.runner import Engine, EngineOptions
-from conformance.subjects import load_subject
+from benchmarks.engines import DEVICE, SUBJECTS, engine
+from conformance.runner import Engine
 
 pytestmark = pytest.mark.bench
 
 CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 SCALE = "real" if CUDA else "tiny"
 ROUNDS, WARMUP = (25, 3) if CUDA else (5, 1)
-SUBJECTS = ["diffusers"] + (["comfyui"] if os.environ.get("COMFYUI_PATH") else [])
 GUARDS = ("none", "clip", "nan_to_num", "fp32_residual", "upcast_attention", "partial_fp16")
-_ENGINES: dict[str, Engine] = {}
 _BASELINE: dict[tuple, float] = {}
-
-
-def _engine(subject: str, tmp_path_factory) -> Engine:
-    if subject not in _ENGINES:
-        kwargs = {"comfyui_path": os.environ["COMFYUI_PATH"], "device": DEVICE} if subject == "comfyui" else {}
-        store = tmp_path_factory.mktemp("stores")
-        _ENGINES[subject] = Engine(
-            load_subject(subject, **kwargs),
-            EngineOptions(device=DEVICE, committed_store=GoldenStore(store / "c", "c"), local_store=GoldenStore(store / "l", "l")),
-        )
-    return _ENGINES[subject]
 
 
 class Forward:
@@ -113,7 +97,7 @@ def test_guarded_forward(benchmark, tmp_path_factory, subject, component, precis
     reason = support_reason(guard, family_of(component), component, precision, "sdpa", False)
     if reason:
         pytest.skip(f"guard {guard}: {reason}")
-    forward = _forward(_engine(subject, tmp_path_factory), subject, component, precision)
+    forward = _forward(engine(subject, tmp_path_factory), subject, component, precision)
     key = (subject, component, precision)
     if key not in _BASELINE and not benchmark.disabled:
         _BASELINE[key] = _median(forward)
@@ -127,7 +111,7 @@ def test_guarded_forward(benchmark, tmp_path_factory, subject, component, precis
 @pytest.mark.parametrize("probes", ["off", "io", "all"])
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_probe_overhead(benchmark, tmp_path_factory, subject, probes):
-    forward = _forward(_engine(subject, tmp_path_factory), subject, "qwen.block", "bf16")
+    forward = _forward(engine(subject, tmp_path_factory), subject, "qwen.block", "bf16")
     key = (subject, "qwen.block", "bf16")
     if key not in _BASELINE and not benchmark.disabled:
         _BASELINE[key] = _median(forward)

@@ -8,33 +8,16 @@ would use (CUDA when present). The subject is diffusers, plus ComfyUI when ``COM
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from conformance.families import vae
-from conformance.goldens import GoldenStore
 from conformance.precision import get_precision
-from conformance.runner import Engine, EngineOptions
-from conformance.subjects import load_subject
+from benchmarks.engines import DEVICE, SUBJECTS, engine
 
 pytestmark = pytest.mark.bench
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SUBJECTS = ["diffusers"] + (["comfyui"] if os.environ.get("COMFYUI_PATH") else [])
-_ENGINES: dict[str, Engine] = {}
-
-
-def _engine(subject: str, tmp_path_factory) -> Engine:
-    if subject not in _ENGINES:
-        kwargs = {"comfyui_path": os.environ["COMFYUI_PATH"], "device": DEVICE} if subject == "comfyui" else {}
-        store = tmp_path_factory.mktemp("stores")
-        _ENGINES[subject] = Engine(
-            load_subject(subject, **kwargs),
-            EngineOptions(device=DEVICE, committed_store=GoldenStore(store / "c", "c"), local_store=GoldenStore(store / "l", "l")),
-        )
-    return _ENGINES[subject]
 
 
 def _sync() -> None:
@@ -46,7 +29,7 @@ def _sync() -> None:
 @pytest.mark.parametrize("component", vae.COMPONENTS)
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_real_decode(benchmark, tmp_path_factory, subject, component, precision):
-    eng = _engine(subject, tmp_path_factory)
+    eng = engine(subject, tmp_path_factory)
     built = eng.subject.build(component, "real", get_precision(precision), eng.weights(component, "real"), DEVICE)
     kwargs = eng.subject.cast_inputs(eng.inputs(component, "real", "nominal"), get_precision(precision).activation_dtype, DEVICE)
 

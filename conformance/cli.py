@@ -22,7 +22,7 @@ from pathlib import Path
 
 import conformance
 
-from .atomic import publish
+from .atomic import write_text
 from .gate import DEFAULT_FP32_RTOL, DEFAULT_MARGIN
 from .rundir import RESULTS_FILE, ReportDirError
 
@@ -105,7 +105,7 @@ def resolve_side(label: str, path: Path, out_dir: Path, suite_args: list[str]) -
     if path.is_file() and is_expectations_file(path):
         side = out_dir / label
         side.mkdir(parents=True, exist_ok=True)
-        _atomic_write(side / RESULTS_FILE, json.dumps(results_from_expectations(path), indent=1) + "\n")
+        write_text(side / RESULTS_FILE, json.dumps(results_from_expectations(path), indent=1) + "\n")
         print(f"[gate] {label}: the ratchet file {path} (no saved outputs: no fp32 semantics check on this side)", file=sys.stderr)
         return side
     if is_report_dir(path):
@@ -157,9 +157,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
         fail_on_benchmark_slowdown=args.fail_on_benchmark_slowdown,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "gate.md", gate_markdown(result))
-    _atomic_write(out_dir / "gate.html", gate_html(result))
-    _atomic_write(out_dir / "gate.json", json.dumps(result.as_dict(), indent=1) + "\n")
+    write_text(out_dir / "gate.md", gate_markdown(result))
+    write_text(out_dir / "gate.html", gate_html(result))
+    write_text(out_dir / "gate.json", json.dumps(result.as_dict(), indent=1) + "\n")
     print(gate_markdown(result, include_unchanged=False))
     print(f"gate report: {out_dir / 'gate.md'}, {out_dir / 'gate.html'}, {out_dir / 'gate.json'} ({time.monotonic() - started:.0f} s)")
     return result.exit_code
@@ -201,20 +201,6 @@ def cmd_html(args: argparse.Namespace) -> int:
     path = render_html(load_results(report_dir), Path(args.out) if args.out else report_dir)
     print(f"report: {path}")
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fraction(text: str) -> float:

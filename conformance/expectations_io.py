@@ -13,11 +13,9 @@ leave a truncated ratchet that the next run would refuse or, worse, half-read.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from .atomic import publish
+from .atomic import write_text
 from .rundir import EXECUTED, cases_by_id, load_results, rel_l2
 
 FORMAT = 1
@@ -78,15 +76,4 @@ def write_expectations(report_dir: Path, out_path: Path) -> Path:
     """Write the ratchet file of the run in ``report_dir`` to ``out_path``, atomically; returns ``out_path``."""
     report_dir, out_path = Path(report_dir), Path(out_path)
     text = json.dumps(expectations_document(load_results(report_dir), report_dir), indent=1, sort_keys=True) + "\n"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        publish(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    return write_text(out_path, text, durable=True)

@@ -17,14 +17,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from .atomic import publish
+from .atomic import write_text
 from .rundir import BACKEND_ORDER, PRECISION_ORDER, SCALE_ORDER, budget_rel_l2, check_document, load_results, ordered, rel_l2
 
 REPORT_FILE = "report.html"
@@ -487,17 +485,7 @@ def render_html(document: dict, out_path: Path) -> Path:
     out_path = Path(out_path)
     if out_path.is_dir():
         out_path = out_path / REPORT_FILE
-    text = render_html_text(document)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        publish(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    return write_text(out_path, render_html_text(document))
 
 
 def render_report_dir(report_dir: Path) -> Path:

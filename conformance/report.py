@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +11,7 @@ from xml.etree import ElementTree as ET
 
 import torch
 
-from .atomic import publish
+from .atomic import write_text
 from .results import CaseResult
 
 SCHEMA_VERSION = 1
@@ -29,14 +27,6 @@ def environment() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    publish(tmp, path)
 
 
 def results_document(run: dict, results: Sequence[CaseResult]) -> dict:
@@ -157,7 +147,7 @@ def write_reports(report_dir: Path, run: dict, results: Sequence[CaseResult]) ->
         ("summary.md", summary_markdown(run, results)),
         ("junit.xml", junit_xml(run, results)),
     ):
-        _atomic_write_text(report_dir / name, text)
+        write_text(report_dir / name, text)
         written.append(report_dir / name)
     html = _html_report(report_dir, results_document(run, results))
     if html is not None:
