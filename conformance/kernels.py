@@ -41,13 +41,14 @@ IMPLS = ("auto", "torch", "triton")
 STATS = ("nonfinite", "nan", "max_abs", "saturated")
 CLAMP_STATS = (*STATS, "touched")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_DTYPE_SET = frozenset(TRITON_DTYPES)
 
 # Launch shape of the triton kernels; the first knobs to tune on a GPU (benchmarks/test_kernels_bench.py).
 VECTOR_BYTES = 16  # one thread's load: 8 fp16/bf16 or 4 fp32 elements, reduced in registers before accumulating
 TILE_BYTES = 16384  # what one program reads per loop step: four vectors per thread with 8 warps
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 8  # persistent grid: at most this many programs per SM, each striding over the tensor's tiles
-REDUCE_LANES = 256  # the last program's reduction reads the partials in chunks of this many columns
+REDUCE_LANES = 256  # a tensor's last program reads its partials in chunks of this many columns
 INTERPRETER_PROGRAMS = 3  # under TRITON_INTERPRET=1 there are no SMs; an odd count makes the grid-stride loop uneven
 
 
@@ -61,30 +62,45 @@ def finite_stats(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
 
 def finite_stats_many(tensors: list[torch.Tensor], impl: str = "auto") -> torch.Tensor:
     """``finite_stats`` of every tensor, as a ``[len(tensors), 4]`` float64 tensor (no host sync). On CUDA with triton,
-    the tensors of one dtype are read by one launch (plus a one-program reduction): what the probes call once per
-    forward, so that watching every module costs a read of its output and not a Python-launched kernel per output.
-    Every tensor must be on the same device."""
-    if not tensors:
+    the tensors of one dtype are read by one launch: what the probes call once per forward, so that watching every
+    module costs a read of its output and not a Python-launched kernel per output. Every tensor must be on the same
+    device."""
+    groups = finite_stats_groups(tensors, impl)
+    if len(groups) == 1:
+        return groups[0][0]  # one group: its rows are already in order
+    if not groups:
         return torch.zeros((0, len(STATS)), dtype=torch.float64)
+    order = [i for _, indices in groups for i in indices]
+    rows = torch.cat([stats for stats, _ in groups])
+    return rows[torch.tensor(order, device=rows.device).argsort()]
+
+
+def finite_stats_groups(tensors: list[torch.Tensor], impl: str = "auto") -> list[tuple[torch.Tensor, list[int]]]:
+    """``finite_stats`` of every tensor, as ``(stats, indices)`` pairs: ``stats[k]`` holds the statistics of
+    ``tensors[indices[k]]``. One pair per triton launch (the tensors of one dtype), and one for the tensors on the torch
+    path; no host sync, and no per-row indexing (the probes, which place each row themselves, call this)."""
+    if not tensors:
+        return []
     device = tensors[0].device
-    if any(t.device != device for t in tensors):
-        raise ValueError("finite_stats_many: tensors on several devices")
-    for t in tensors:
-        _require_floating(t)
-    out = [None] * len(tensors)
-    groups: dict[torch.dtype, list[int]] = {}
+    triton_groups: dict[torch.dtype, list[int]] = {}
+    torch_rows: list[int] = []
+    # the usual case decided without select_impl's per-tensor checks: a probe calls this with every module's output
+    fast = impl == "auto" and device.type == "cuda" and triton_available()
     for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError("finite_stats_many: tensors on several devices")
+        if fast and t.dtype in _TRITON_DTYPE_SET:
+            triton_groups.setdefault(t.dtype, []).append(i)
+            continue
+        _require_floating(t)
         if select_impl(t, impl) == "triton":
-            groups.setdefault(t.dtype, []).append(i)
+            triton_groups.setdefault(t.dtype, []).append(i)
         else:
-            out[i] = _torch_finite_stats(t.detach())
-    if len(groups) == 1 and len(next(iter(groups.values()))) == len(tensors):
-        return _triton_stats_many(tensors)  # one dtype, all on triton: the rows are already in order
-    for dtype, indices in groups.items():
-        stats = _triton_stats_many([tensors[i] for i in indices])
-        for row, i in enumerate(indices):
-            out[i] = stats[row]
-    return torch.stack(out)
+            torch_rows.append(i)
+    groups = [(_triton_stats_many([tensors[i] for i in indices]), indices) for indices in triton_groups.values()]
+    if torch_rows:
+        groups.append((torch.stack([_torch_finite_stats(tensors[i].detach()) for i in torch_rows]), torch_rows))
+    return groups
 
 
 def clamp_with_stats(
@@ -251,30 +267,34 @@ def _triton_clamp(x: torch.Tensor, bound: float, replacement: float | None) -> t
 
 
 def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One ``stats_many`` launch over tensors of one dtype (after the one fill that zeroes its scratch). The persistent
-    grid is shared out in proportion to size: tensor ``t`` gets ``count[t]`` programs (at least one), and program
-    ``g`` finds its tensor in the table by the first program of each. Pointers travel as element offsets from the
-    first tensor, so that when every tensor is 16-byte aligned the kernel can be told so and load 16-byte vectors (a
-    pointer read from memory carries no alignment the compiler could see). A single tensor needs no table at all.
-    Host time is what a probe pays per call, so this stays lean: no device context switch unless needed, one
-    allocation, one table copy (from pinned memory)."""
+    """One ``stats_many`` launch over tensors of one dtype. The persistent grid is shared out in proportion to size:
+    tensor ``t`` gets ``count[t]`` programs (at least one), and program ``g`` finds its tensor in the table by the first
+    program of each. Pointers travel as element offsets from the first tensor, so that when every tensor is 16-byte
+    aligned the kernel can be told so and load 16-byte vectors (a pointer read from memory carries no alignment the
+    compiler could see).
+
+    Host time is what a probe pays per call, so this stays lean: one device allocation holds the completion counters,
+    the table, the partials and the statistics; one asynchronous copy from pinned memory fills the counter (zero) and
+    the table; and the launch skips triton's argument binding once the kernel is compiled (``_Launcher``)."""
     x0 = tensors[0]
     sources, keep = [], []
     for t in tensors:
-        t = t.detach()
-        view = t if t.is_contiguous() else memory_order_view(t)
-        if view is None:
-            view = t.contiguous()
-            keep.append(view)  # alive until the kernel has read it
-        sources.append(view)
+        if not t.is_contiguous():
+            view = memory_order_view(t)
+            if view is None:
+                view = t.contiguous()
+                keep.append(view)  # alive until the kernel has read it
+            t = view
+        sources.append(t)
     size = x0.element_size()
     block = TILE_BYTES // size
     max_programs = _max_programs(x0.device)
-    single = len(sources) == 1
-    if single:
+    count = len(sources)
+    counters = count + count % 2  # one per tensor, padded to 16 bytes so that the table after them is aligned
+    if count == 1:
         numel = sources[0].numel()
         grid = max(1, min(-(-numel // block), max_programs))
-        counts = [grid]
+        head = [0, 0]  # the completion counter (and padding); no table
         aligned = True  # a pointer argument: triton specialises its alignment itself
     else:
         numel = 0
@@ -287,58 +307,85 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
         firsts = list(itertools.accumulate(counts, initial=0))
         grid = firsts[-1]
         aligned = all(p % VECTOR_BYTES == 0 for p in pointers)
+        head = [0] * counters + [*((p - base) // size for p in pointers), *numels, *firsts[:-1], *counts]
     patterns = bit_patterns(x0.dtype)
-    kernels = _triton_kernels()
+    # int64 words: [counters (count, padded), table (4 x count)], then float64: [4, grid] partials, [count, 4]
+    # statistics. The partials and statistics are written before they are read, so only the head is filled (by the
+    # copy).
+    words = len(head) + len(STATS) * (grid + count)
     with _on_device(x0.device):
-        scratch = torch.zeros(len(STATS) * (grid + len(sources)) + 1, dtype=torch.float64, device=x0.device)
-        if single:
-            table = scratch  # unused
-        else:
-            table = _upload_table([(p - base) // size for p in pointers] + numels + firsts[:-1] + counts, x0.device)
-        kernels.stats_many[(grid,)](
-            sources[0],
-            table,
-            scratch,
-            scratch.view(torch.int64)[-1:],
-            len(sources),
+        buffer = torch.empty(words, dtype=torch.int64, device=x0.device)
+        _copy_from_host(head, buffer[: len(head)])
+        address = buffer.data_ptr()
+        _stats_launcher()(
             grid,
-            numel,
-            BITS=8 * size,
-            INF_BITS=patterns.infinity,
-            MAX_BITS=patterns.max,
-            ALIGNED=aligned,
-            SINGLE=single,
-            BLOCK=block,
-            BLOCK_T=kernels.next_power_of_2(len(sources)),
-            BLOCK_P=REDUCE_LANES,
-            VEC=VECTOR_BYTES // size,
-            num_warps=NUM_WARPS,
+            x0.device,
+            (sources[0].data_ptr(), address + 8 * counters, address + 8 * len(head), address),
+            lambda: (sources[0], buffer[counters:], buffer[len(head) :].view(torch.float64), buffer[:count]),
+            (count, grid, numel),
+            dict(
+                BITS=8 * size,
+                INF_BITS=patterns.infinity,
+                MAX_BITS=patterns.max,
+                ALIGNED=aligned,
+                SINGLE=count == 1,
+                BLOCK=block,
+                BLOCK_T=_next_power_of_2(count),
+                BLOCK_P=REDUCE_LANES,
+                VEC=VECTOR_BYTES // size,
+            ),
+            x0.dtype,
         )
     del keep  # the caching allocator keeps the copies' memory reserved for the stream until the kernel has run
-    return scratch[len(STATS) * grid : -1].view(len(sources), len(STATS))
+    return buffer[len(head) + len(STATS) * grid :].view(torch.float64).view(count, len(STATS))
 
 
-# One pinned host buffer per device for the pointer tables, and the event of its last copy. A copy from pageable memory
-# goes through a driver staging buffer and can hold the host; from pinned memory it is a plain asynchronous copy.
-_STAGING: dict[torch.device, tuple[torch.Tensor, object]] = {}
+def _copy_from_host(values: list[int], target: torch.Tensor) -> None:
+    """Fill the int64 ``target`` with ``values`` without waiting for the device. From pageable memory on purpose: an
+    asynchronous copy of a few kilobytes from pageable memory is staged by the driver as the call returns, so the
+    source can go at once, where pinned memory would need an allocation and an event per call (both dearer here)."""
+    target.copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
 
 
-def _upload_table(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``, without waiting for the device (CUDA: through the pinned buffer,
-    reused once its previous copy has completed)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.int64, device=device)
-    buffer, event = _STAGING.get(device, (None, None))
-    if buffer is None or buffer.numel() < len(values):
-        buffer, event = torch.empty(max(4096, 2 * len(values)), dtype=torch.int64, pin_memory=True), torch.cuda.Event()
-    else:
-        event.synchronize()  # the previous table has left the buffer (long since, in practice)
-    buffer[: len(values)].copy_(torch.tensor(values, dtype=torch.int64))
-    table = torch.empty(len(values), dtype=torch.int64, device=device)
-    table.copy_(buffer[: len(values)], non_blocking=True)
-    event.record()
-    _STAGING[device] = (buffer, event)
-    return table
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+class _Launcher:
+    """Launch a triton kernel through its compiled form, without triton's per-call argument binding.
+
+    ``kernel[grid](...)`` binds and specialises every argument on every call: tens of microseconds of Python in triton
+    3.6, which the probes would pay on every forward. The first call of each specialisation goes through triton
+    (which compiles or loads the kernel and returns it); later calls with the same key call the compiled launcher with
+    integer addresses. The key holds everything triton specialises these kernels on: the device, the dtype of the
+    tensor, each address's 16-byte alignment, each integer's width (the integer arguments are ``do_not_specialize``)
+    and the constexprs. Where the compiled form does not look as expected (another triton), under the interpreter, or
+    while a launch hook is installed (a profiler), every call goes through triton."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.compiled: dict[tuple, object] = {}
+
+    def __call__(self, grid: int, device: torch.device, addresses: tuple[int, ...], tensors, integers: tuple[int, ...], constexprs: dict, dtype: torch.dtype) -> None:
+        key = (device, dtype, *(a % 16 == 0 for a in addresses), *(-(2**31) <= i < 2**31 for i in integers), *constexprs.values())
+        compiled = self.compiled.get(key)
+        if compiled is not None and _no_launch_hooks():
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            compiled.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(index), compiled.function, compiled.packed_metadata, None, None, None, *addresses, *integers, *constexprs.values())
+            return
+        compiled = self.kernel[(grid,)](*tensors(), *integers, **constexprs, num_warps=NUM_WARPS)
+        if device.type == "cuda" and not triton_interpreter() and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+            self.compiled[key] = compiled
+
+
+def _no_launch_hooks() -> bool:
+    knobs = _triton_kernels().knobs
+    return knobs is not None and knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+
+
+@functools.cache
+def _stats_launcher() -> _Launcher:
+    return _Launcher(_triton_kernels().stats_many)
 
 
 @dataclass(frozen=True)
@@ -393,8 +440,9 @@ def _triton_kernels() -> types.SimpleNamespace:
 
     The check (``finite_stats``, ``finite_stats_many``) is ``stats_many``: one launch over one or many tensors, built
     on ``finite_stats_of_tiles`` (a max-only first pass with no barrier in its loop; exact counts only over the
-    tiles between a program's first and last special tile), and the last program to finish reduces the partials (a
-    completion counter in the zeroed scratch). On an H200 it reads 200 MiB of fp16 in 59 us, 3.5 TB/s.
+    tiles between a program's first and last special tile), and the last of a tensor's programs to finish reduces
+    that tensor's partials (a completion counter per tensor, zeroed by the copy that brings the table), so the
+    reductions of many tensors run side by side. On an H200 it reads 200 MiB of fp16 in 59 us, 3.5 TB/s.
 
     The clamp (``clamp_with_stats``) is ``clamp_partials`` plus ``reduce_partials``. ``clamp_partials`` runs a
     persistent grid: program ``p`` of ``P`` reads tiles ``p, p + P, ...`` of ``BLOCK``
@@ -554,12 +602,12 @@ def _triton_kernels() -> types.SimpleNamespace:
             else:
                 tl.store(stats_ptr + stat, tl.sum(values, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tensors", "grid", "n_single"])
     def stats_many(
         base_ptr,  # the first tensor: every tensor's address is an element offset from it
         table_ptr,  # int64 [4, T]: element offsets, element counts, first program, programs (unused when SINGLE)
-        scratch_ptr,  # float64, zeroed: [4, G] partials, then [T, 4] statistics, then the completion counter
-        counter_ptr,  # the scratch's last element, as int64
+        scratch_ptr,  # float64: [4, G] partials, then [T, 4] statistics (each written before it is read)
+        counter_ptr,  # int64 [T], zero: one completion counter per tensor
         tensors,
         grid,
         n_single,  # the element count when SINGLE
@@ -573,10 +621,14 @@ def _triton_kernels() -> types.SimpleNamespace:
         BLOCK_P: tl.constexpr,
         VEC: tl.constexpr,
     ):
-        # Each program reads its share of the tensor that owns it and stores one column of partials; the last
-        # program to finish (the completion counter) reduces every tensor's columns into its statistics. One launch.
+        # Each program reads its share of the tensor that owns it and stores one column of partials; the last of a
+        # tensor's programs to finish (its completion counter) reduces that tensor's columns into its statistics.
+        # One launch, and the reductions of different tensors run in parallel.
         program = tl.program_id(0).to(tl.int64)
         if SINGLE:
+            which = program * 0
+            first = program * 0
+            programs = program * 0 + grid
             nonfinite, nan, largest, saturated = finite_stats_of_tiles(
                 base_ptr, n_single, program, grid, BITS, INF_BITS, MAX_BITS, BLOCK, VEC
             )
@@ -598,33 +650,26 @@ def _triton_kernels() -> types.SimpleNamespace:
         tl.store(column + grid, nan.to(tl.float64))
         tl.store(column + 2 * grid, largest)
         tl.store(column + 3 * grid, saturated.to(tl.float64))
-        finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # releases this column, acquires the others
-        if finished == grid - 1:
+        finished = tl.atomic_add(counter_ptr + which, 1, sem="acq_rel")  # releases this column, acquires the others
+        if finished == programs - 1:
             # in chunks of BLOCK_P columns: a wide reduction here would cost the streaming loop above its registers
             lanes = tl.arange(0, BLOCK_P)
-            stats_ptr = scratch_ptr + 4 * grid
-            for t in range(0, tensors):
-                if SINGLE:
-                    first_t = program * 0
-                    count_t = program * 0 + grid
-                else:
-                    first_t = tl.load(table_ptr + 2 * tensors + t)
-                    count_t = tl.load(table_ptr + 3 * tensors + t)
-                sum_nonfinite = tl.zeros([BLOCK_P], dtype=tl.float64)
-                sum_nan = tl.zeros([BLOCK_P], dtype=tl.float64)
-                max_finite = tl.zeros([BLOCK_P], dtype=tl.float64)
-                sum_saturated = tl.zeros([BLOCK_P], dtype=tl.float64)
-                for start in range(0, count_t, BLOCK_P):
-                    columns = scratch_ptr + first_t + start + lanes
-                    inside = start + lanes < count_t
-                    sum_nonfinite += tl.load(columns, mask=inside, other=0.0, cache_modifier=".cg")
-                    sum_nan += tl.load(columns + grid, mask=inside, other=0.0, cache_modifier=".cg")
-                    max_finite = tl.maximum(max_finite, tl.load(columns + 2 * grid, mask=inside, other=0.0, cache_modifier=".cg"))
-                    sum_saturated += tl.load(columns + 3 * grid, mask=inside, other=0.0, cache_modifier=".cg")
-                tl.store(stats_ptr + t * 4, tl.sum(sum_nonfinite, axis=0))
-                tl.store(stats_ptr + t * 4 + 1, tl.sum(sum_nan, axis=0))
-                tl.store(stats_ptr + t * 4 + 2, tl.max(max_finite, axis=0))
-                tl.store(stats_ptr + t * 4 + 3, tl.sum(sum_saturated, axis=0))
+            sum_nonfinite = tl.zeros([BLOCK_P], dtype=tl.float64)
+            sum_nan = tl.zeros([BLOCK_P], dtype=tl.float64)
+            max_finite = tl.zeros([BLOCK_P], dtype=tl.float64)
+            sum_saturated = tl.zeros([BLOCK_P], dtype=tl.float64)
+            for start in range(0, programs, BLOCK_P):
+                columns = scratch_ptr + first + start + lanes
+                inside = start + lanes < programs
+                sum_nonfinite += tl.load(columns, mask=inside, other=0.0, cache_modifier=".cg")
+                sum_nan += tl.load(columns + grid, mask=inside, other=0.0, cache_modifier=".cg")
+                max_finite = tl.maximum(max_finite, tl.load(columns + 2 * grid, mask=inside, other=0.0, cache_modifier=".cg"))
+                sum_saturated += tl.load(columns + 3 * grid, mask=inside, other=0.0, cache_modifier=".cg")
+            stats_ptr = scratch_ptr + 4 * grid + which * 4
+            tl.store(stats_ptr, tl.sum(sum_nonfinite, axis=0))
+            tl.store(stats_ptr + 1, tl.sum(sum_nan, axis=0))
+            tl.store(stats_ptr + 2, tl.max(max_finite, axis=0))
+            tl.store(stats_ptr + 3, tl.sum(sum_saturated, axis=0))
 
     return types.SimpleNamespace(
         clamp_partials=clamp_partials,
@@ -632,4 +677,5 @@ def _triton_kernels() -> types.SimpleNamespace:
         stats_many=stats_many,
         element_types={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32},
         next_power_of_2=triton.next_power_of_2,
+        knobs=getattr(triton, "knobs", None),  # launch hooks live here from triton 3.4; without it, no direct launch
     )

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 import functools
+import itertools
 import sys
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .kernels import finite_stats, finite_stats_many
+from .kernels import finite_stats, finite_stats_groups
 
 ROOT = "block"
 INPUT = "input"
@@ -111,20 +112,14 @@ def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _floating_tensors(item, f"{name}.{key}")
 
 
-@dataclass(slots=True)
-class _Pending:
-    boundary: str
-    module: str
-    tensor: str
-    dtype: torch.dtype
-    shape: torch.Size | list[int]
-    stats: tuple[int, int] | None  # (batch, row) in Probes._batches; None until its batch is read
-    touched: torch.Tensor | None = None
-    tensor_ref: torch.Tensor | None = None  # held until its statistics are read
-    version: int = 0
-    changed_in_place: bool = False
-    is_input: bool = False  # an input boundary deferred because its root was seen to leave it unchanged
-    source: nn.Module | None = None  # the module whose output this is (for relabelling, see Probes._resolve)
+# A boundary tensor is kept as a bare tuple, the cheapest thing a hook can append. Until the flush that reads it:
+#   (source, tensor name, tensor, version counter at the boundary)
+# and from then on (the tensor itself is no longer held):
+#   (source, tensor name, dtype, shape, changed in place, (batch, row) of its statistics, index of a guard's count)
+# ``source`` is the module whose output it is (named after the forward, from the cached path map), or a
+# (boundary, module name, is_input) triple for a boundary named when it was seen.
+_SEEN = 4
+_MISSING = object()
 
 
 # Deferred outputs are read in one batch at the end of the forward, or earlier once they hold this many bytes.
@@ -138,10 +133,14 @@ _KEEPS_INPUTS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.W
 _PATHS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[nn.Module, str], list]] = weakref.WeakKeyDictionary()
 
 
-def _paths(root: nn.Module) -> tuple[dict[nn.Module, str], list]:
-    """``{submodule: path}`` of ``root`` and the cache of label tables that goes with it. Not checked against the
-    module tree here: a module the map lacks is resolved after the forward (``Probes._resolve``)."""
+def _paths(root: nn.Module, check: bool = False) -> tuple[dict[nn.Module, str], list]:
+    """``{submodule: path}`` of ``root`` and the cache of label tables that goes with it; with ``check``, the cached
+    map is first compared with the module tree (a walk of it) and built again if a module was added or replaced."""
     cached = _PATHS.get(root)
+    if cached is not None and check:
+        modules = list(root.modules())
+        if len(modules) != cached[0] or any(m not in cached[1] for m in modules):
+            cached = None
     if cached is not None:
         return cached[1], cached[2]
     paths = {module: path for path, module in root.named_modules(remove_duplicate=True)}
@@ -149,15 +148,37 @@ def _paths(root: nn.Module) -> tuple[dict[nn.Module, str], list]:
     return paths, _PATHS[root][2]
 
 
-def _labels(root: nn.Module, boundary_names: Mapping[str, str], root_label: str) -> tuple[dict[nn.Module, str], dict]:
+def _labels(root: nn.Module, boundary_names: Mapping[str, str], root_label: str, check: bool = False) -> tuple[dict[nn.Module, str], dict]:
     """``{submodule: path}`` and ``{submodule: (boundary, module name)}`` for the records of its outputs."""
-    paths, tables = _paths(root)
+    paths, tables = _paths(root, check)
     for names, label, labels in tables:
         if names is boundary_names and label == root_label:
             return paths, labels
     labels = {module: (boundary_names.get(path, path or root_label), path or root_label) for module, path in paths.items()}
     tables.append((boundary_names, root_label, labels))
     return paths, labels
+
+
+# Per root module: {input probes: {module: the probes on it}}, from the same path map.
+_PROBED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def _probed_modules(root: nn.Module, paths: dict[nn.Module, str], input_probes: tuple[InputProbe, ...]) -> dict:
+    """``{module: (probe, ...)}`` for the declared input probes; KeyError naming a probe whose module is missing."""
+    cached = _PROBED.setdefault(root, {})
+    key = (id(paths), input_probes)
+    found = cached.get(key)
+    if found is None:
+        by_path = {path: module for module, path in paths.items()}
+        found = {}
+        for probe in input_probes:
+            if probe.module not in by_path:
+                raise KeyError(f"input probe on {probe.module!r}: no such module in {type(root).__name__}")
+            found.setdefault(by_path[probe.module], []).append(probe)
+        found = {module: tuple(probes) for module, probes in found.items()}
+        cached.clear()  # one plan per root: a rebuilt path map or other probes replace it
+        cached[key] = found
+    return found
 
 
 @dataclass
@@ -172,26 +193,29 @@ class Probes:
     root_label: str = ROOT  # how the root module is named in records ("block"; a VAE's is "vae")
     scope: str = "all"  # "all": every module, the declared inputs and the guards; "io": the root's inputs and outputs only
     _handles: list = field(default_factory=list, init=False)
-    _pending: list[_Pending] = field(default_factory=list, init=False)
+    _pending: list[tuple] = field(default_factory=list, init=False)  # every boundary tensor, in firing order
+    _unflushed: int = field(default=0, init=False)  # index in _pending where the next flush starts
+    _touched: list[torch.Tensor] = field(default_factory=list, init=False)  # guards' changed counts, read with the stats
     _restore: list = field(default_factory=list, init=False)
     _inputs_recorded: bool = field(default=False, init=False)
     _module_paths: dict = field(default_factory=dict, init=False)
     _labels: dict = field(default_factory=dict, init=False)  # module -> (boundary, module name) of its output
     _own_hooks: set = field(default_factory=set, init=False)
-    _deferred: list[_Pending] = field(default_factory=list, init=False)
     _batches: list[torch.Tensor] = field(default_factory=list, init=False)  # [k, 4] statistics, read back once
     _watched_inputs: list = field(default_factory=list, init=False)  # (boundary, tensor, version) of inputs read now
     _deferred_bytes: int = field(default=0, init=False)
+    _keeps: dict = field(default_factory=dict, init=False)  # _KEEPS_INPUTS of this root
+    _probes_at: dict = field(default_factory=dict, init=False)  # module -> its declared input probes
+    _wrapped: list = field(default_factory=list, init=False)  # (module, its forward instance attribute or _MISSING)
 
     def _display(self, path: str) -> str:
         return path or self.root_label
 
-    def _record(self, boundary: str, module: str, tensor_name: str, tensor: torch.Tensor, source: nn.Module | None = None) -> None:
+    def _record(self, source, tensor_name: str, tensor: torch.Tensor) -> None:
         """Note a boundary tensor; its statistics are read later, in one batch (``_flush``): a hook only keeps a
-        reference, so watching every module costs one read of each output and not a kernel launch per output."""
-        pending = _Pending(boundary, module, tensor_name, tensor.dtype, tensor.shape, None, None, tensor, tensor._version, False, False, source)
-        self._pending.append(pending)
-        self._deferred.append(pending)
+        reference and the tensor's version counter, so watching every module costs one read of each output and not a
+        kernel launch per output."""
+        self._pending.append((source, tensor_name, tensor, tensor._version))
         self._deferred_bytes += tensor.nbytes
         if self._deferred_bytes > FLUSH_BYTES:
             self._flush()
@@ -202,72 +226,66 @@ class Probes:
         end of the forward can tell whether the block updated it in place."""
         if not named:
             return
-        if _KEEPS_INPUTS.get(self.root, {}).get(boundary):
+        if self._keeps.get(boundary):
+            source, pending, nbytes = (boundary, module, True), self._pending, 0
             for name, tensor in named:
-                self._record(boundary, module, name, tensor)
-                self._pending[-1].is_input = True
+                pending.append((source, name, tensor, tensor._version))
+                nbytes += tensor.nbytes
+            self._deferred_bytes += nbytes
+            if self._deferred_bytes > FLUSH_BYTES:
+                self._flush()
             return
         rows = self._read([t for _, t in named])
+        source = (boundary, module, True)
         for (name, tensor), row in zip(named, rows):
-            self._pending.append(_Pending(boundary, module, name, tensor.dtype, list(tensor.shape), row))
+            self._pending.append((source, name, tensor.dtype, tensor.shape, False, row, None))
             self._watched_inputs.append((boundary, tensor, tensor._version))
 
     def _flush(self) -> None:
-        deferred, self._deferred, self._deferred_bytes = self._deferred, [], 0
-        if not deferred:
+        """Read the statistics of every tensor recorded since the last flush, in one batch, and drop the references."""
+        start, end = self._unflushed, len(self._pending)
+        self._unflushed, self._deferred_bytes = end, 0
+        pending, tensors, at = self._pending, [], []
+        for i in range(start, end):
+            if len(pending[i]) == _SEEN:
+                at.append(i)
+                tensors.append(pending[i][2])
+        if not tensors:
             return
-        for pending in deferred:
-            pending.changed_in_place = pending.tensor_ref._version != pending.version
-            if pending.changed_in_place and pending.is_input:  # no longer unchanged: read it on sight next time
-                _KEEPS_INPUTS.setdefault(self.root, {})[pending.boundary] = False
-        for pending, row in zip(deferred, self._read([p.tensor_ref for p in deferred])):
-            pending.stats, pending.tensor_ref = row, None
+        for i, place in zip(at, self._read(tensors)):
+            source, tensor_name, tensor, version = pending[i]
+            changed = tensor._version != version
+            if changed and type(source) is tuple and source[2]:  # an input no longer unchanged: read it on sight
+                self._keeps[source[0]] = False
+            pending[i] = (source, tensor_name, tensor.dtype, tensor.shape, changed, place, None)
 
     def _read(self, tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-        """Launch the statistics of ``tensors`` (one batch per device, no host sync); their (batch, row) places."""
-        places: list[tuple[int, int] | None] = [None] * len(tensors)
-        by_device: dict[torch.device, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_device.setdefault(t.device, []).append(i)
-        for indices in by_device.values():
-            self._batches.append(finite_stats_many([tensors[i] for i in indices]))
-            for row, i in enumerate(indices):
-                places[i] = (len(self._batches) - 1, row)
+        """Launch the statistics of ``tensors`` (one batch per device and dtype, no host sync); their (batch, row)
+        places in ``_batches``."""
+        places: list = [None] * len(tensors)
+        device = tensors[0].device
+        if all(t.device == device for t in tensors):
+            by_device = [list(range(len(tensors)))]
+        else:
+            grouped: dict[torch.device, list[int]] = {}
+            for i, t in enumerate(tensors):
+                grouped.setdefault(t.device, []).append(i)
+            by_device = list(grouped.values())
+        for members in by_device:
+            for stats, indices in finite_stats_groups([tensors[i] for i in members]):
+                batch = len(self._batches)
+                self._batches.append(stats)
+                for row, i in enumerate(indices):
+                    places[members[i]] = (batch, row)
         return places
 
-    def _global_output_hook(self, module, _args, output):
-        if module not in self._own_hooks:
-            self._output_hook(module, _args, output)
-
-    def _own_output_hook(self, module, _args, output):
-        self._output_hook(module, _args, output)
-
     def _output_hook(self, module, _args, output):
-        # Runs after every module of the forward: kept to a dict lookup and an append for the usual tensor output.
-        labels = self._labels.get(module)
-        if labels is None:
-            # not in the cached map: a module added to the component since (a guard's replacement layer) or one
-            # outside it; records() resolves it against the component's modules, off the forward's critical path
-            labels = (None, module)
         if type(output) is torch.Tensor:
             if output.is_floating_point():
-                self._record(labels[0], labels[1], "output", output, module)
+                self._record(module, "output", output)
             return
         for tensor_name, tensor in _floating_tensors(output, "output"):
-            self._record(labels[0], labels[1], tensor_name, tensor, module)
-
-    def _resolve(self) -> None:
-        """Give the records of modules missing from the cached path map their names (rebuilding the map), and drop
-        those of modules outside the component."""
-        if not any(p.boundary is None for p in self._pending):
-            return
-        _PATHS.pop(self.root, None)  # the tree changed: every output is named again from the fresh map
-        self._module_paths, self._labels = _labels(self.root, self.boundary_names, self.root_label)
-        for pending in self._pending:
-            if pending.source is not None:
-                labels = self._labels.get(pending.source)
-                pending.boundary, pending.module = labels if labels is not None else (None, None)
-        self._pending = [p for p in self._pending if p.boundary is not None]
+            self._record(module, tensor_name, tensor)
 
     def _running_module(self) -> str:
         """The innermost module of the component whose forward is on the call stack (where a guard was called from);
@@ -292,7 +310,9 @@ class Probes:
                 changed = (out != tensor) & ~(torch.isnan(out) & torch.isnan(tensor))
                 self._batches.append(tensor_stats(tensor).reshape(1, -1))
                 place = (len(self._batches) - 1, 0)
-                self._pending.append(_Pending(f"input of {spy.label}", module, spy.label, tensor.dtype, list(tensor.shape), place, changed.sum()))
+                self._touched.append(changed.sum(dtype=torch.float64))
+                source = (f"input of {spy.label}", module, False)
+                self._pending.append((source, spy.label, tensor.dtype, tensor.shape, False, place, len(self._touched) - 1))
             return out
 
         return guarded
@@ -307,9 +327,10 @@ class Probes:
     def record_outputs(self, outputs: Mapping[str, object]) -> None:
         """The call's outputs, as the root's post-hook would record them (for a call that bypasses ``forward``)."""
         if self.enabled:
+            source = (self.boundary_names.get("", self.root_label), self.root_label, False)
             for name, value in outputs.items():
                 for tensor_name, tensor in _floating_tensors(value, name):
-                    self._record(self.boundary_names.get("", self.root_label), self.root_label, tensor_name, tensor)
+                    self._record(source, tensor_name, tensor)
 
     def _root_input_hook(self, _module, args, kwargs, explicit: bool = False):
         if self._inputs_recorded and not explicit:
@@ -323,87 +344,131 @@ class Probes:
                 named.extend(_floating_tensors(value, key))
         self._record_input("component input", INPUT, named)
 
-    def _pre_hook(self, probe: InputProbe):
-        def hook(_module, args):
+    def _declared_input_hook(self, module, args):
+        for probe in self._probes_at[module]:
             if probe.index < len(args) and isinstance(args[probe.index], torch.Tensor):
-                # read now: these are the block's own intermediate values (a residual stream), which its code may
-                # go on updating in place (ComfyUI's FLUX does `img += ...`)
+                # read now unless seen unchanged before: these are the block's own intermediate values (a residual
+                # stream), which its code may go on updating in place (ComfyUI's FLUX does `img += ...`)
                 self._record_input(probe.boundary, self._display(probe.produced_by), [(probe.tensor, args[probe.index])])
 
-        return hook
+    def _start_forward(self) -> None:
+        self._pending, self._unflushed, self._touched = [], 0, []
+        self._deferred_bytes, self._batches, self._watched_inputs = 0, [], []
+        self._inputs_recorded = False
 
     def __enter__(self) -> Probes:
-        self._pending.clear()
-        self._deferred, self._deferred_bytes, self._batches, self._watched_inputs = [], 0, [], []
-        self._inputs_recorded = False
+        self._start_forward()
         if not self.enabled:
             return self
-        self._handles.append(self.root.register_forward_pre_hook(self._root_input_hook, with_kwargs=True))
+        self._keeps = _KEEPS_INPUTS.setdefault(self.root, {})
         if self.scope == "io":
             self._module_paths = {self.root: ""}
             self._labels = {self.root: (self.boundary_names.get("", self.root_label), self.root_label)}
-            self._handles.append(self.root.register_forward_hook(self._output_hook))
-            return self
-        self._module_paths, self._labels = _labels(self.root, self.boundary_names, self.root_label)
-        by_path = {path: module for module, path in self._module_paths.items()} if self.input_probes else {}
-        for probe in self.input_probes:
-            if probe.module not in by_path:
-                raise KeyError(f"input probe on {probe.module!r}: no such module in {type(self.root).__name__}")
-            self._handles.append(by_path[probe.module].register_forward_pre_hook(self._pre_hook(probe)))
-        # Global hooks run before a module's own forward hooks; a module that has its own (one that edits its output)
-        # gets a hook of its own after them, so that its recorded output is the one its caller receives.
+            self._probes_at = {}
+        else:
+            self._module_paths, self._labels = _labels(self.root, self.boundary_names, self.root_label, check=True)
+            self._probes_at = _probed_modules(self.root, self._module_paths, self.input_probes) if self.input_probes else {}
+        # A module with forward hooks of its own (one that edits its output) is recorded by a hook registered after
+        # them, so that its recorded output is the one its caller receives; every other module through its forward.
         self._own_hooks = {module for module in self._module_paths if module._forward_hooks}
+        for module in self._module_paths:
+            self._wrap_forward(module)
         for module in self._own_hooks:
-            self._handles.append(module.register_forward_hook(self._own_output_hook))
-        self._handles.append(torch.nn.modules.module.register_module_forward_hook(self._global_output_hook))
-        for spy in self.guards:
-            original = getattr(spy.owner, spy.attr)
-            self._restore.append((spy.owner, spy.attr, original))
-            setattr(spy.owner, spy.attr, self._guard(spy, original))
+            self._handles.append(module.register_forward_hook(self._output_hook))
+        if self.scope != "io":
+            for spy in self.guards:
+                original = getattr(spy.owner, spy.attr)
+                self._restore.append((spy.owner, spy.attr, original))
+                setattr(spy.owner, spy.attr, self._guard(spy, original))
         return self
+
+    def _wrap_forward(self, module: nn.Module) -> None:
+        """Put a recording wrapper in front of ``module.forward`` (as an instance attribute, restored on exit).
+
+        Not a forward hook: any hook sends a module's call through torch's slow path (``Module._call_impl`` building
+        its hook lists, closures and sets), which costs more than the recording itself, and the forward of a large
+        block is host-bound in stretches, so every microsecond there is a microsecond of wall time. A wrapper costs one
+        Python call. The root's wrapper records the component's inputs before its forward; a module with declared
+        input probes has them read before its forward; every module but those with hooks of their own has its output
+        recorded after it."""
+        forward = module.forward  # the bound method, or an instance attribute someone set before us
+        self._wrapped.append((module, module.__dict__.get("forward", _MISSING)))
+        probes, state = self._probes_at.get(module), self
+        root = module is self.root
+        outputs = module not in self._own_hooks
+
+        def probed_forward(*args, **kwargs):
+            if root and not state._inputs_recorded:
+                state._root_input_hook(module, args, kwargs)
+            if probes is not None:
+                state._declared_input_hook(module, args)
+            output = forward(*args, **kwargs)
+            if outputs:
+                if type(output) is torch.Tensor:
+                    if output.is_floating_point():  # _record, inlined: this runs once per module per forward
+                        state._pending.append((module, "output", output, output._version))
+                        state._deferred_bytes += output.nbytes
+                        if state._deferred_bytes > FLUSH_BYTES:
+                            state._flush()
+                else:
+                    state._output_hook(module, args, output)
+            return output
+
+        module.__dict__["forward"] = probed_forward
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, previous in reversed(self._wrapped):
+            if previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        self._wrapped.clear()
         for owner, attr, original in reversed(self._restore):
             setattr(owner, attr, original)
         self._restore.clear()
 
     def records(self) -> list[BoundaryRecord]:
+        """The boundaries seen since the probes were entered, or since the last call, in firing order, with their
+        statistics: the one host sync of a probed forward. Everything but the numbers is prepared while the
+        statistics are on their way to the host. The hooks stay as they are: a loop of forwards (a sampler's steps)
+        under one ``with Probes(...)`` calls this after each forward."""
         self._flush()
-        self._resolve()
         if self._watched_inputs:
-            learned = _KEEPS_INPUTS.setdefault(self.root, {})
+            learned = self._keeps
             for boundary, tensor, version in self._watched_inputs:
                 learned[boundary] = learned.get(boundary, True) and tensor._version == version
             self._watched_inputs = []
         if not self._pending:
+            self._start_forward()
             return []
-        host = _to_host(self._batches)  # the one host sync
-        stats = [host[batch][row] for batch, row in (p.stats for p in self._pending)]
-        touched_at = [i for i, p in enumerate(self._pending) if p.touched is not None]
-        touched = dict(zip(touched_at, torch.stack([self._pending[i].touched for i in touched_at]).cpu().tolist())) if touched_at else {}
+        transfer = _HostTransfer(self._batches, self._touched)
+        starts = transfer.starts
+        prepared = []
+        labels = self._labels
+        for source, tensor_name, dtype, shape, changed, (batch, row), touched_at in self._pending:
+            if type(source) is tuple:
+                boundary, module = source[0], source[1]
+            else:
+                boundary, module = labels[source]  # every recorded module was in the map when its wrapper was made
+            name, fmax = _dtype_facts(dtype)
+            at = starts[batch] + 4 * row
+            touched = None if touched_at is None else starts[len(self._batches) + touched_at]
+            prepared.append((boundary, module, tensor_name, name, list(shape), at, fmax, touched, changed))
+        self._start_forward()
+        values = transfer.values()  # the one host sync
         out = []
-        for order, (pending, (nonfinite, nan, max_abs, saturated)) in enumerate(zip(self._pending, stats)):
-            name, fmax = _dtype_facts(pending.dtype)
+        for order, (boundary, module, tensor_name, name, shape, at, fmax, touched, changed) in enumerate(prepared):
+            max_abs = values[at + 2]
             out.append(
                 BoundaryRecord(
-                    order,
-                    pending.boundary,
-                    pending.module,
-                    pending.tensor,
-                    name,
-                    list(pending.shape),
-                    int(nonfinite),
-                    int(nan),
-                    max_abs,
-                    int(saturated),
-                    (fmax / max_abs) if max_abs > 0 else None,
-                    int(touched[order]) if order in touched else None,
-                    pending.changed_in_place,
+                    order, boundary, module, tensor_name, name, shape, int(values[at]), int(values[at + 1]), max_abs,
+                    int(values[at + 3]), (fmax / max_abs) if max_abs > 0 else None,
+                    None if touched is None else int(values[touched]), changed,
                 )
-            )
+            )  # fmt: skip
         return out
 
 
@@ -412,19 +477,31 @@ def _dtype_facts(dtype: torch.dtype) -> tuple[str, float]:
     return str(dtype).removeprefix("torch."), torch.finfo(dtype).max
 
 
-def _to_host(batches: list[torch.Tensor]) -> list[list[list[float]]]:
-    """The batches' statistics as lists, with one device-to-host copy per device (one, in practice)."""
-    host: list = [None] * len(batches)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, b in enumerate(batches):
-        by_device.setdefault(b.device, []).append(i)
-    for indices in by_device.values():
-        flat = torch.cat([batches[i] for i in indices]).cpu().tolist() if len(indices) > 1 else batches[indices[0]].cpu().tolist()
-        start = 0
-        for i in indices:
-            host[i] = flat[start : start + len(batches[i])]
-            start += len(batches[i])
-    return host
+class _HostTransfer:
+    """The statistics batches (``[k, 4]`` each) and the guards' scalars, flattened and on their way to the host: on
+    CUDA an asynchronous copy into pinned memory, so that the caller can prepare its records meanwhile; ``values()``
+    waits for it (the one host sync) and returns the flat list. ``starts[i]`` is where part ``i`` begins in it."""
+
+    def __init__(self, batches: list[torch.Tensor], scalars: list[torch.Tensor]) -> None:
+        parts = [b.reshape(-1) for b in batches] + [s.reshape(1) for s in scalars]
+        self.starts = list(itertools.accumulate((p.numel() for p in parts), initial=0))
+        device = parts[0].device
+        self.stream = None
+        if any(p.device != device for p in parts):  # several devices: one blocking copy each, in order
+            self.host = torch.cat([p.cpu() for p in parts])
+            return
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if device.type == "cuda":
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
+            self.stream = torch.cuda.current_stream(device)
+        else:
+            self.host = flat
+
+    def values(self) -> list[float]:
+        if self.stream is not None:
+            self.stream.synchronize()
+        return self.host.tolist()
 
 
 def first_nonfinite(records: list[BoundaryRecord]) -> dict | None:

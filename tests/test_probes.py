@@ -238,3 +238,20 @@ def test_a_guard_call_is_attributed_to_the_module_running_it():
         module(torch.full((3,), 2.0))
     guard = [r for r in probes.records() if r.boundary == "input of Tensor.clip"]
     assert len(guard) == 1 and guard[0].module == ROOT and guard[0].touched == 3
+
+
+def test_one_installation_serves_a_loop_of_forwards():
+    """Probes entered once watch every forward run under them; records() returns each forward's boundaries and starts
+    afresh (a sampler's steps), with the inputs' in-place check still done per forward."""
+    module = _AddsInPlace(False)
+    with torch.no_grad(), Probes(module) as probes:
+        per_forward = []
+        for step in range(3):
+            x = torch.ones(2, 4)
+            x[0, 0] = math.nan if step == 1 else 1.0
+            module(x)
+            per_forward.append(probes.records())
+    assert [len(r) for r in per_forward] == [len(per_forward[0])] * 3
+    assert [first_nonfinite(r) is not None for r in per_forward] == [False, True, False]
+    assert first_nonfinite(per_forward[1])["module"] == "input"
+    assert probes.records() == []
