@@ -138,8 +138,8 @@ class ProbedLoop:
     def __call__(self) -> None:
         self.forward.built(self.kwargs, self.forward.sizes)
         if self.scope != "off":
-            self.probes.records()
-        if CUDA:
+            self.probes.records()  # waits for the statistics: the forward's one synchronisation
+        elif CUDA:
             torch.cuda.synchronize()
 
 

@@ -26,6 +26,7 @@ The torch path takes every layout as torch does.
 
 # No `from __future__ import annotations` here: triton reads a kernel's `tl.constexpr` annotations, and evaluated ones
 # are the form every triton version accepts. (The annotations outside the kernels are valid at runtime in 3.11.)
+import array
 import contextlib
 import functools
 import importlib.util
@@ -277,7 +278,7 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
     the table, the partials and the statistics; one asynchronous copy from pinned memory fills the counter (zero) and
     the table; and the launch skips triton's argument binding once the kernel is compiled (``_Launcher``)."""
     x0 = tensors[0]
-    sources, keep = [], []
+    sources, keep, pointers, numels = [], [], [], []
     for t in tensors:
         if not t.is_contiguous():
             view = memory_order_view(t)
@@ -286,21 +287,21 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
                 keep.append(view)  # alive until the kernel has read it
             t = view
         sources.append(t)
+        pointers.append(t.data_ptr())
+        numels.append(t.numel())
     size = x0.element_size()
     block = TILE_BYTES // size
     max_programs = _max_programs(x0.device)
     count = len(sources)
     counters = count + count % 2  # one per tensor, padded to 16 bytes so that the table after them is aligned
     if count == 1:
-        numel = sources[0].numel()
+        numel = numels[0]
         grid = max(1, min(-(-numel // block), max_programs))
         head = [0, 0]  # the completion counter (and padding); no table
         aligned = True  # a pointer argument: triton specialises its alignment itself
     else:
         numel = 0
-        base = sources[0].data_ptr()
-        pointers = [v.data_ptr() for v in sources]
-        numels = [v.numel() for v in sources]
+        base = pointers[0]
         tiles = [-(-n // block) for n in numels]
         total_tiles = max(1, sum(tiles))
         counts = [max(1, min(t, max_programs * t // total_tiles)) for t in tiles]
@@ -308,7 +309,6 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
         grid = firsts[-1]
         aligned = all(p % VECTOR_BYTES == 0 for p in pointers)
         head = [0] * counters + [*((p - base) // size for p in pointers), *numels, *firsts[:-1], *counts]
-    patterns = bit_patterns(x0.dtype)
     # int64 words: [counters (count, padded), table (4 x count)], then float64: [4, grid] partials, [count, 4]
     # statistics. The partials and statistics are written before they are read, so only the head is filled (by the
     # copy).
@@ -320,31 +320,33 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
         _stats_launcher()(
             grid,
             x0.device,
-            (sources[0].data_ptr(), address + 8 * counters, address + 8 * len(head), address),
+            (pointers[0], address + 8 * counters, address + 8 * len(head), address),
             lambda: (sources[0], buffer[counters:], buffer[len(head) :].view(torch.float64), buffer[:count]),
             (count, grid, numel),
-            dict(
-                BITS=8 * size,
-                INF_BITS=patterns.infinity,
-                MAX_BITS=patterns.max,
-                ALIGNED=aligned,
-                SINGLE=count == 1,
-                BLOCK=block,
-                BLOCK_T=_next_power_of_2(count),
-                BLOCK_P=REDUCE_LANES,
-                VEC=VECTOR_BYTES // size,
-            ),
-            x0.dtype,
+            _stats_constexprs(x0.dtype, aligned, count == 1, _next_power_of_2(count)),
         )
     del keep  # the caching allocator keeps the copies' memory reserved for the stream until the kernel has run
     return buffer[len(head) + len(STATS) * grid :].view(torch.float64).view(count, len(STATS))
 
 
+@functools.cache
+def _stats_constexprs(dtype: torch.dtype, aligned: bool, single: bool, block_t: int) -> dict:
+    """The constexpr arguments of ``stats_many``: one dict per combination, kept for the life of the process (few: a
+    dtype, two flags and a power of two), so that its identity can key the compiled kernels. Not to be changed."""
+    size = dtype.itemsize
+    patterns = bit_patterns(dtype)
+    return dict(
+        BITS=8 * size, INF_BITS=patterns.infinity, MAX_BITS=patterns.max, ALIGNED=aligned, SINGLE=single,
+        BLOCK=TILE_BYTES // size, BLOCK_T=block_t, BLOCK_P=REDUCE_LANES, VEC=VECTOR_BYTES // size,
+    )  # fmt: skip
+
+
 def _copy_from_host(values: list[int], target: torch.Tensor) -> None:
     """Fill the int64 ``target`` with ``values`` without waiting for the device. From pageable memory on purpose: an
     asynchronous copy of a few kilobytes from pageable memory is staged by the driver as the call returns, so the
-    source can go at once, where pinned memory would need an allocation and an event per call (both dearer here)."""
-    target.copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
+    source can go at once, where pinned memory would need an allocation and an event per call (both dearer here).
+    The host tensor is made from an ``array`` (several times cheaper than ``torch.tensor`` of a list)."""
+    target.copy_(torch.frombuffer(array.array("q", values), dtype=torch.int64), non_blocking=True)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -357,20 +359,23 @@ class _Launcher:
     ``kernel[grid](...)`` binds and specialises every argument on every call: tens of microseconds of Python in triton
     3.6, which the probes would pay on every forward. The first call of each specialisation goes through triton
     (which compiles or loads the kernel and returns it); later calls with the same key call the compiled launcher with
-    integer addresses. The key holds everything triton specialises these kernels on: the device, the dtype of the
-    tensor, each address's 16-byte alignment, each integer's width (the integer arguments are ``do_not_specialize``)
-    and the constexprs. Where the compiled form does not look as expected (another triton), under the interpreter, or
-    while a launch hook is installed (a profiler), every call goes through triton."""
+    integer addresses. The key holds everything triton specialises these kernels on: the device, the constexprs
+    (which include the dtype's bit patterns, so they tell the dtypes apart), each address's 16-byte alignment and each
+    integer's width (the integer arguments are ``do_not_specialize``). Where the compiled form does not look as
+    expected (another triton), under the interpreter, or while a launch hook is installed (a profiler), every call
+    goes through triton."""
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.compiled: dict[tuple, object] = {}
 
-    def __call__(self, grid: int, device: torch.device, addresses: tuple[int, ...], tensors, integers: tuple[int, ...], constexprs: dict, dtype: torch.dtype) -> None:
-        key = (device, dtype, *(a % 16 == 0 for a in addresses), *(-(2**31) <= i < 2**31 for i in integers), *constexprs.values())
+    def __call__(self, grid: int, device: torch.device, addresses: tuple[int, ...], tensors, integers: tuple[int, ...], constexprs: dict) -> None:
+        """``tensors`` makes the tensor arguments (views) for triton's own launch; ``addresses`` are their addresses.
+        ``constexprs`` (values hashable, in the kernel's order) hold the dtype's facts, so they key the dtype too."""
+        index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else -1
+        key = (index, id(constexprs), *[a % 16 == 0 for a in addresses], *[-(2**31) <= i < 2**31 for i in integers])
         compiled = self.compiled.get(key)
         if compiled is not None and _no_launch_hooks():
-            index = device.index if device.index is not None else torch.cuda.current_device()
             compiled.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(index), compiled.function, compiled.packed_metadata, None, None, None, *addresses, *integers, *constexprs.values())
             return
         compiled = self.kernel[(grid,)](*tensors(), *integers, **constexprs, num_warps=NUM_WARPS)
@@ -379,8 +384,13 @@ class _Launcher:
 
 
 def _no_launch_hooks() -> bool:
+    """No launch hook is installed (a profiler's): from triton 3.5 the hooks are chains, empty when unused."""
     knobs = _triton_kernels().knobs
-    return knobs is not None and knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+    return knobs is not None and _empty_hook(knobs.runtime.launch_enter_hook) and _empty_hook(knobs.runtime.launch_exit_hook)
+
+
+def _empty_hook(hook) -> bool:
+    return hook is None or getattr(hook, "calls", None) == []
 
 
 @functools.cache
@@ -420,7 +430,10 @@ def _on_device(device: torch.device):
     context costs microseconds a probe pays on every call."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _max_programs(device: torch.device) -> int:

@@ -365,3 +365,30 @@ def test_many_with_more_programs_than_one_reduction_chunk(device, impl):
     )]  # fmt: skip
     assert torch.equal(finite_stats_many(xs, impl=impl).cpu(), torch.stack([reference_stats(x.cpu()) for x in xs]))
     assert torch.equal(finite_stats(xs[0], impl=impl).cpu(), reference_stats(xs[0].cpu()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRITON_ON_CUDA, reason="needs CUDA and triton")
+def test_the_direct_launch_is_taken_and_agrees_with_tritons_own():
+    """After the first call of a specialisation, the check launches the compiled kernel directly (no launch hook is
+    installed); its statistics equal those of triton's own launch path and the reference, for aligned and unaligned
+    tensors of several dtypes in one batch."""
+    import conformance.kernels as kernels
+
+    torch.manual_seed(5)
+    base = torch.randn(3 * 2**20 + 7, device="cuda", dtype=torch.float16)
+    base[17] = math.inf
+    base[2**20 + 3] = math.nan
+    xs = [base, base[1:], torch.randn(4097, device="cuda", dtype=torch.bfloat16), base[5 : 2**20].view(-1, 1)]
+    expected = torch.stack([reference_stats(x.cpu()) for x in xs])
+    assert kernels._no_launch_hooks()
+    first = finite_stats_many(xs).cpu()
+    assert kernels._stats_launcher().compiled, "no compiled kernel was kept for the direct launch"
+    direct = finite_stats_many(xs).cpu()
+    original = kernels._no_launch_hooks
+    try:
+        kernels._no_launch_hooks = lambda: False  # as with a profiler's hook installed: triton's own launch
+        through_triton = finite_stats_many(xs).cpu()
+    finally:
+        kernels._no_launch_hooks = original
+    assert torch.equal(first, expected) and torch.equal(direct, expected) and torch.equal(through_triton, expected)
