@@ -41,7 +41,7 @@ import functools
 import itertools
 import sys
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -78,26 +78,63 @@ class GuardSpy:
     label: str
 
 
-@dataclass
 class BoundaryRecord:
-    order: int
-    boundary: str
-    module: str
-    tensor: str
-    dtype: str
-    shape: list[int]
-    nonfinite: int
-    nan: int
-    max_abs: float
-    saturated: int
-    headroom: float | None  # dtype max / max finite |x|; None when the tensor is all zeros
-    touched: int | None = None  # for a guard's input: how many values the guard changed
-    # the tensor was changed in place after this boundary and before its statistics were read: they describe the
-    # later values (the probes read module outputs in one batch, see Probes)
-    changed_in_place: bool = False
+    """One boundary tensor of a forward and its statistics.
+
+    ``Probes.records`` makes the records while the forward's statistics are still on their way to the host, and the
+    numbers are read from that one host copy when asked for (``_stats``: the shared box the copy lands in, and where
+    this record's four numbers and its guard count sit in it); the one synchronisation then only has to drop the copy
+    in the box.
+    """
+
+    FIELDS = ("order", "boundary", "module", "tensor", "dtype", "shape", "nonfinite", "nan", "max_abs", "saturated",
+              "headroom", "touched", "changed_in_place")  # fmt: skip
+    __slots__ = ("order", "boundary", "module", "tensor", "dtype", "shape", "changed_in_place", "_box", "_at", "_fmax", "_touched_at")
+
+    def __init__(self, order: int, boundary: str, module: str, tensor: str, dtype: str, shape: list[int], changed_in_place: bool, box: list, at: int, fmax: float, touched_at: int | None) -> None:  # fmt: skip
+        self.order, self.boundary, self.module, self.tensor, self.dtype, self.shape = order, boundary, module, tensor, dtype, shape
+        # the tensor was changed in place after this boundary and before its statistics were read: they describe the
+        # later values (the probes read module outputs in one batch, see Probes)
+        self.changed_in_place = changed_in_place
+        self._box, self._at, self._fmax, self._touched_at = box, at, fmax, touched_at
+
+    @property
+    def nonfinite(self) -> int:
+        return int(self._box[0][self._at])
+
+    @property
+    def nan(self) -> int:
+        return int(self._box[0][self._at + 1])
+
+    @property
+    def max_abs(self) -> float:
+        """The largest finite magnitude (0 when there is none)."""
+        return self._box[0][self._at + 2]
+
+    @property
+    def saturated(self) -> int:
+        """Values sitting exactly at the dtype's largest finite value."""
+        return int(self._box[0][self._at + 3])
+
+    @property
+    def headroom(self) -> float | None:
+        """dtype max / max finite |x|; None when the tensor is all zeros."""
+        max_abs = self.max_abs
+        return self._fmax / max_abs if max_abs > 0 else None
+
+    @property
+    def touched(self) -> int | None:
+        """For a guard's input: how many values the guard changed."""
+        return None if self._touched_at is None else int(self._box[0][self._touched_at])
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BoundaryRecord) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"BoundaryRecord({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
 def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -445,8 +482,9 @@ class Probes:
             self._start_forward()
             return []
         transfer = _HostTransfer(self._batches, self._touched)
-        starts = transfer.starts
-        prepared = []
+        starts, touched_base = transfer.starts, len(self._batches)
+        box: list = [None]  # the host copy of the statistics, once it has arrived
+        out = []
         labels = self._labels
         for source, tensor_name, dtype, shape, changed, (batch, row), touched_at in self._pending:
             if type(source) is tuple:
@@ -454,21 +492,10 @@ class Probes:
             else:
                 boundary, module = labels[source]  # every recorded module was in the map when its wrapper was made
             name, fmax = _dtype_facts(dtype)
-            at = starts[batch] + 4 * row
-            touched = None if touched_at is None else starts[len(self._batches) + touched_at]
-            prepared.append((boundary, module, tensor_name, name, list(shape), at, fmax, touched, changed))
+            touched = None if touched_at is None else starts[touched_base + touched_at]
+            out.append(BoundaryRecord(len(out), boundary, module, tensor_name, name, list(shape), changed, box, starts[batch] + 4 * row, fmax, touched))
         self._start_forward()
-        values = transfer.values()  # the one host sync
-        out = []
-        for order, (boundary, module, tensor_name, name, shape, at, fmax, touched, changed) in enumerate(prepared):
-            max_abs = values[at + 2]
-            out.append(
-                BoundaryRecord(
-                    order, boundary, module, tensor_name, name, shape, int(values[at]), int(values[at + 1]), max_abs,
-                    int(values[at + 3]), (fmax / max_abs) if max_abs > 0 else None,
-                    None if touched is None else int(values[touched]), changed,
-                )
-            )  # fmt: skip
+        box[0] = transfer.values()  # the one host sync
         return out
 
 

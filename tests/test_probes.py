@@ -255,4 +255,3 @@ def test_one_installation_serves_a_loop_of_forwards():
     assert [first_nonfinite(r) is not None for r in per_forward] == [False, True, False]
     assert first_nonfinite(per_forward[1])["module"] == "input"
     assert probes.records() == []
-
