@@ -282,14 +282,23 @@ class Probes:
         """Read the statistics of every tensor recorded since the last flush, in one batch, and drop the references."""
         start, end = self._unflushed, len(self._pending)
         self._unflushed, self._deferred_bytes = end, 0
-        pending, tensors, at = self._pending, [], []
+        # A tensor recorded twice (a dropout in eval or an identity returns its input) is read once: a quarter of
+        # the bytes of a diffusers or ComfyUI Qwen block's outputs.
+        pending, tensors, at, unique = self._pending, [], [], {}
         for i in range(start, end):
             if len(pending[i]) == _SEEN:
-                at.append(i)
-                tensors.append(pending[i][2])
+                tensor = pending[i][2]
+                key = (tensor.data_ptr(), tensor.numel(), tensor.dtype) if tensor.is_contiguous() else (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+                index = unique.get(key)
+                if index is None:
+                    index = unique[key] = len(tensors)
+                    tensors.append(tensor)
+                at.append((i, index))
         if not tensors:
             return
-        for i, place in zip(at, self._read(tensors)):
+        places = self._read(tensors)
+        for i, index in at:
+            place = places[index]
             source, tensor_name, tensor, version = pending[i]
             changed = tensor._version != version
             if changed and type(source) is tuple and source[2]:  # an input no longer unchanged: read it on sight

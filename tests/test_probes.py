@@ -255,3 +255,21 @@ def test_one_installation_serves_a_loop_of_forwards():
     assert [first_nonfinite(r) is not None for r in per_forward] == [False, True, False]
     assert first_nonfinite(per_forward[1])["module"] == "input"
     assert probes.records() == []
+
+
+def test_a_tensor_recorded_twice_is_read_once(monkeypatch):
+    """A dropout in eval returns its input: both boundaries get the statistics of one read."""
+    import conformance.probes as probes_module
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1)).eval()
+    read = []
+    real = probes_module.finite_stats_groups
+    monkeypatch.setattr(probes_module, "finite_stats_groups", lambda tensors: read.append(len(tensors)) or real(tensors))
+    x = torch.ones(2, 4)
+    with torch.no_grad(), Probes(module) as probes:
+        module(x)
+    records = probes.records()
+    linear, dropout = (r for r in records if r.module in ("0", "1"))
+    assert (linear.max_abs, linear.nonfinite) == (dropout.max_abs, dropout.nonfinite)
+    # four boundaries, two reads: the input, and the linear's output (which is the dropout's and the block's too)
+    assert len(records) == 4 and sum(read) == 2
