@@ -6,7 +6,7 @@
 * ``test_probe_overhead``: the Qwen block in bf16 with probes off, on the block's inputs and outputs (``io``) and on
   every module (``all``), installed once as over a sampler's steps: each timed call is one forward, its one host sync
   and the building of its records (entering the probes is timed apart, ``install_s``). ``extra_info["overhead"]``
-  comes from a separate interleaved measurement (the three scopes alternating, 200 forwards each), so that drift
+  comes from a separate interleaved measurement (the three scopes alternating, 400 forwards each), so that drift
   during the session does not bias it. Targets, on an H100/H200 (recorded, not asserted): ``io`` at most 1 % over ``off``,
   ``all`` at most 10 %.
 
@@ -162,7 +162,7 @@ def _interleaved(forward: Forward, scopes: tuple[str, ...]) -> dict[str, float]:
     return {scope: statistics.median(values) for scope, values in times.items()}
 
 
-INTERLEAVED_ROUNDS, PER_ROUND = (10, 20) if CUDA else (2, 2)
+INTERLEAVED_ROUNDS, PER_ROUND = (20, 20) if CUDA else (2, 2)
 _INTERLEAVED: dict[str, dict[str, float]] = {}
 
 

@@ -1,4 +1,4 @@
-"""Probes: forward hooks that watch every boundary of a component while it runs.
+"""Probes: recording wrappers that watch every boundary of a component while it runs.
 
 Each probed tensor yields four numbers, computed on the tensor's device without a host sync: the count of non-finite
 values, the count of NaNs, the largest finite magnitude and the count of values sitting exactly at the dtype's
@@ -7,12 +7,12 @@ brought to the host in one transfer when the caller asks for them.
 
 Boundaries are
 
-* the output of every submodule (post-hooks fire when a module finishes, so their firing order is execution order and
-  a child is seen before the parent that contains it);
+* the output of every submodule (recorded when a module's forward returns, so their order is execution order and a
+  child is seen before the parent that contains it);
 * the component's own inputs (boundary ``input``): a bad value found there entered the component, it was not born
   in it;
-* named inputs the subject declares (pre-hooks), for tensors no module returns: the attention kernel's result as it
-  enters the output projection, the residual stream after an in-line ``x + gate * y`` as it enters the next norm.
+* named inputs the subject declares, for tensors no module returns: the attention kernel's result as it enters the
+  output projection, the residual stream after an in-line ``x + gate * y`` as it enters the next norm.
 
 * the inputs of the subject's own guards (``torch.nan_to_num`` in ComfyUI's FLUX blocks, ``Tensor.clip`` in diffusers'):
   a guard runs in-line in a block's forward, so without a spy an overflow it repairs leaves no trace but saturated
@@ -21,19 +21,20 @@ Boundaries are
 
 The first record, in firing order, holding a non-finite value names the module where the bad value was born.
 
-Cost. Statistics are read in one batch after the forward (``kernels.finite_stats_many``: one read of every tensor,
-one launch per dtype on CUDA), not by a kernel per output launched from its hook: a hook keeps a reference and the
-tensor's version counter, and the one host sync comes when ``records()`` is called. The hooks are two global module
-hooks (``torch.nn.modules.module.register_module_forward_hook``) filtered by a cached path map, not two per module,
-so entering the probes costs the same for 10 modules or 1000. A tensor changed in place after its boundary is marked
-``changed_in_place`` (its numbers are of the later values) and is not taken as the first non-finite.
+Cost. Statistics are read in one batch after the forward (``kernels.finite_stats_groups``: one read of every tensor,
+one launch per dtype on CUDA), not by a kernel per output: recording keeps a reference and the tensor's version
+counter, and the one host sync comes when ``records()`` is called. Recording is a wrapper in front of each module's
+``forward`` (an instance attribute, removed on exit), not a forward hook: any hook sends every call of a module
+through torch's slow ``_call_impl`` path, which costs more than the recording. A tensor changed in place after its
+boundary is marked ``changed_in_place`` (its numbers are of the later values) and is not taken as the first
+non-finite. The probes can stay installed over many forwards (a sampler's steps): each ``records()`` returns what
+was seen since the last one.
 
 Inputs are the exception: blocks update their inputs and residual streams in place (ComfyUI's FLUX does ``img +=
 ...``), so the component's inputs and the declared intermediate inputs are read when they are seen, unless this very
 module was seen before to leave them unchanged; then they join the end-of-forward batch, still guarded by their
 version counters. Pending tensors are read early once they hold 1 GiB, to bound the memory held.
 """
-
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -149,7 +150,7 @@ def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _floating_tensors(item, f"{name}.{key}")
 
 
-# A boundary tensor is kept as a bare tuple, the cheapest thing a hook can append. Until the flush that reads it:
+# A boundary tensor is kept as a bare tuple, the cheapest thing a wrapper can append. Until the flush that reads it:
 #   (source, tensor name, tensor, version counter at the boundary)
 # and from then on (the tensor itself is no longer held):
 #   (source, tensor name, dtype, shape, changed in place, (batch, row) of its statistics, index of a guard's count)
@@ -220,7 +221,7 @@ def _probed_modules(root: nn.Module, paths: dict[nn.Module, str], input_probes: 
 
 @dataclass
 class Probes:
-    """Context manager installing the hooks on ``root``. Use ``records()`` after the forward."""
+    """Context manager installing the recording on ``root``. Use ``records()`` after each forward."""
 
     root: nn.Module
     boundary_names: Mapping[str, str] = field(default_factory=dict)
@@ -249,7 +250,7 @@ class Probes:
         return path or self.root_label
 
     def _record(self, source, tensor_name: str, tensor: torch.Tensor) -> None:
-        """Note a boundary tensor; its statistics are read later, in one batch (``_flush``): a hook only keeps a
+        """Note a boundary tensor; its statistics are read later, in one batch (``_flush``): recording only keeps a
         reference and the tensor's version counter, so watching every module costs one read of each output and not a
         kernel launch per output."""
         self._pending.append((source, tensor_name, tensor, tensor._version))
@@ -335,7 +336,7 @@ class Probes:
 
     def _running_module(self) -> str:
         """The innermost module of the component whose forward is on the call stack (where a guard was called from);
-        the root's label when there is none. Walks the frames only when a guard fires, so hooks stay cheap."""
+        the root's label when there is none. Walks the frames only when a guard fires, so recording stays cheap."""
         frame = sys._getframe(2)
         while frame is not None:
             owner = frame.f_locals.get("self")
@@ -365,20 +366,20 @@ class Probes:
 
     def record_inputs(self, kwargs: Mapping[str, object]) -> None:
         """Record the component's inputs where the call does not go through the root's ``forward`` (a VAE's
-        ``decode``); the root's pre-hook then records nothing more."""
+        ``decode``); the root's wrapper then records nothing more."""
         if self.enabled:
             self._inputs_recorded = True
-            self._root_input_hook(self.root, (), kwargs, explicit=True)
+            self._record_root_inputs(self.root, (), kwargs, explicit=True)
 
     def record_outputs(self, outputs: Mapping[str, object]) -> None:
-        """The call's outputs, as the root's post-hook would record them (for a call that bypasses ``forward``)."""
+        """The call's outputs, as the root's wrapper would record them (for a call that bypasses ``forward``)."""
         if self.enabled:
             source = (self.boundary_names.get("", self.root_label), self.root_label, False)
             for name, value in outputs.items():
                 for tensor_name, tensor in _floating_tensors(value, name):
                     self._record(source, tensor_name, tensor)
 
-    def _root_input_hook(self, _module, args, kwargs, explicit: bool = False):
+    def _record_root_inputs(self, _module, args, kwargs, explicit: bool = False):
         if self._inputs_recorded and not explicit:
             return
         named = list(_floating_tensors(list(args), "args")) if args else []
@@ -390,7 +391,7 @@ class Probes:
                 named.extend(_floating_tensors(value, key))
         self._record_input("component input", INPUT, named)
 
-    def _declared_input_hook(self, module, args):
+    def _record_declared_inputs(self, module, args):
         for probe in self._probes_at[module]:
             if probe.index < len(args) and isinstance(args[probe.index], torch.Tensor):
                 # read now unless seen unchanged before: these are the block's own intermediate values (a residual
@@ -445,9 +446,9 @@ class Probes:
 
         def probed_forward(*args, **kwargs):
             if root and not state._inputs_recorded:
-                state._root_input_hook(module, args, kwargs)
+                state._record_root_inputs(module, args, kwargs)
             if probes is not None:
-                state._declared_input_hook(module, args)
+                state._record_declared_inputs(module, args)
             output = forward(*args, **kwargs)
             if outputs:
                 if type(output) is torch.Tensor:
@@ -479,7 +480,7 @@ class Probes:
     def records(self) -> list[BoundaryRecord]:
         """The boundaries seen since the probes were entered, or since the last call, in firing order, with their
         statistics: the one host sync of a probed forward. Everything but the numbers is prepared while the
-        statistics are on their way to the host. The hooks stay as they are: a loop of forwards (a sampler's steps)
+        statistics are on their way to the host. The recording stays installed: a loop of forwards (a sampler's steps)
         under one ``with Probes(...)`` calls this after each forward."""
         self._flush()
         if self._watched_inputs:
