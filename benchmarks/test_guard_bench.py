@@ -40,7 +40,7 @@ _BASELINE: dict[tuple, float] = {}
 
 
 class Forward:
-    """One built block and its inputs; ``__call__`` runs it under a guard and a probe scope, synchronised."""
+    """One built block and its inputs; ``__call__`` runs it under a guard, synchronised (``ProbedLoop``: with probes)."""
 
     def __init__(self, eng: Engine, component: str, precision: str) -> None:
         self.eng, self.component, self.precision = eng, component, get_precision(precision)
@@ -51,7 +51,8 @@ class Forward:
         self.kwargs = eng.subject.cast_inputs(inputs, self.precision.activation_dtype, DEVICE)
         self.sizes = inputs.sizes
 
-    def __call__(self, guard: str = "none", probes: str = "off") -> None:
+    def __call__(self, guard: str = "none") -> None:
+        """One forward under ``guard``, no probes, synchronised."""
         policy = get_policy(guard)
         run = GuardRun(guard, DEVICE) if policy else None
         ctx = GuardContext(
@@ -59,11 +60,9 @@ class Forward:
             self.eng.subject.residual_streams(self.component), self.weights,
         )  # fmt: skip
         kwargs = policy.prepare_inputs(dict(self.kwargs), self.full, ctx, run) if policy else self.kwargs
-        probe_set = Probes(self.built.module, self.built.boundary_names, self.built.input_probes, self.built.guards, enabled=probes != "off", scope=probes if probes != "off" else "all")
         with torch.no_grad(), self.eng.subject.use_backend(self.built.module, "sdpa", CallCounter(), component=self.component) as prepare:
-            with policy.apply(self.built.module, ctx, run) if policy else contextlib.nullcontext(), probe_set:
+            with policy.apply(self.built.module, ctx, run) if policy else contextlib.nullcontext():
                 self.built(prepare(kwargs), self.sizes)
-            probe_set.records()  # the one host sync of a probed forward
         if run is not None and run.touched is not None:
             run.touched.item()
         if CUDA:
