@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .rundir import EXECUTED, benchmark_file, budget_rel_l2, cases_by_id, finite, load_results, outputs_file, rel_l2
@@ -79,13 +79,7 @@ class Side:
         return self.outcome in EXECUTED
 
     def as_dict(self) -> dict:
-        return {
-            "outcome": self.outcome,
-            "rel_l2": self.rel_l2,
-            "budget_rel_l2": self.budget_rel_l2,
-            "nonfinite": self.nonfinite,
-            "reason": self.reason,
-        }
+        return asdict(self)
 
 
 def _nonfinite(case: dict) -> str | None:
@@ -144,13 +138,7 @@ class BenchmarkDelta:
     failing: bool = False
 
     def as_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "baseline_median": self.baseline_median,
-            "candidate_median": self.candidate_median,
-            "ratio": self.ratio,
-            "failing": self.failing,
-        }
+        return asdict(self)
 
 
 @dataclass
