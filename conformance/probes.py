@@ -83,9 +83,9 @@ class BoundaryRecord:
     """One boundary tensor of a forward and its statistics.
 
     ``Probes.records`` makes the records while the forward's statistics are still on their way to the host, and the
-    numbers are read from that one host copy when asked for (``_stats``: the shared box the copy lands in, and where
-    this record's four numbers and its guard count sit in it); the one synchronisation then only has to drop the copy
-    in the box.
+    numbers are read from that one host copy when asked for (``_box``: the shared box the copy lands in; ``_at`` and
+    ``_touched_at``: where this record's four numbers and its guard count sit in it); the one synchronisation then only
+    has to drop the copy in the box.
     """
 
     FIELDS = ("order", "boundary", "module", "tensor", "dtype", "shape", "nonfinite", "nan", "max_abs", "saturated",
@@ -154,8 +154,8 @@ def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
 #   (source, tensor name, tensor, version counter at the boundary)
 # and from then on (the tensor itself is no longer held):
 #   (source, tensor name, dtype, shape, changed in place, (batch, row) of its statistics, index of a guard's count)
-# ``source`` is the module whose output it is (named after the forward, from the cached path map), or a
-# (boundary, module name, is_input) triple for a boundary named when it was seen.
+# ``source`` is the module whose output it is (named by records(), from the path map the wrappers were made from), or
+# a (boundary, module name, is_input) triple for a boundary named when it was seen.
 _SEEN = 4
 _MISSING = object()
 
@@ -197,26 +197,25 @@ def _labels(root: nn.Module, boundary_names: Mapping[str, str], root_label: str,
     return paths, labels
 
 
-# Per root module: {input probes: {module: the probes on it}}, from the same path map.
-_PROBED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+# Per root module: (the path map, the input probes, {module: the probes on it}) of the last plan made; one per root, a
+# rebuilt path map or other probes replace it. The map itself is held, so that it is compared by identity.
+_PROBED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def _probed_modules(root: nn.Module, paths: dict[nn.Module, str], input_probes: tuple[InputProbe, ...]) -> dict:
     """``{module: (probe, ...)}`` for the declared input probes; KeyError naming a probe whose module is missing."""
-    cached = _PROBED.setdefault(root, {})
-    key = (id(paths), input_probes)
-    found = cached.get(key)
-    if found is None:
-        by_path = {path: module for module, path in paths.items()}
-        found = {}
-        for probe in input_probes:
-            if probe.module not in by_path:
-                raise KeyError(f"input probe on {probe.module!r}: no such module in {type(root).__name__}")
-            found.setdefault(by_path[probe.module], []).append(probe)
-        found = {module: tuple(probes) for module, probes in found.items()}
-        cached.clear()  # one plan per root: a rebuilt path map or other probes replace it
-        cached[key] = found
-    return found
+    cached = _PROBED.get(root)
+    if cached is not None and cached[0] is paths and cached[1] == input_probes:
+        return cached[2]
+    by_path = {path: module for module, path in paths.items()}
+    found: dict[nn.Module, list[InputProbe]] = {}
+    for probe in input_probes:
+        if probe.module not in by_path:
+            raise KeyError(f"input probe on {probe.module!r}: no such module in {type(root).__name__}")
+        found.setdefault(by_path[probe.module], []).append(probe)
+    plan = {module: tuple(probes) for module, probes in found.items()}
+    _PROBED[root] = (paths, input_probes, plan)
+    return plan
 
 
 @dataclass
@@ -265,13 +264,9 @@ class Probes:
         if not named:
             return
         if self._keeps.get(boundary):
-            source, pending, nbytes = (boundary, module, True), self._pending, 0
+            source = (boundary, module, True)
             for name, tensor in named:
-                pending.append((source, name, tensor, tensor._version))
-                nbytes += tensor.nbytes
-            self._deferred_bytes += nbytes
-            if self._deferred_bytes > FLUSH_BYTES:
-                self._flush()
+                self._record(source, name, tensor)
             return
         rows = self._read([t for _, t in named])
         source = (boundary, module, True)
