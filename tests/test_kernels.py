@@ -369,7 +369,7 @@ def test_many_with_more_programs_than_one_reduction_chunk(device, impl):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not TRITON_ON_CUDA, reason="needs CUDA and triton")
-def test_the_direct_launch_is_taken_and_agrees_with_tritons_own():
+def test_the_direct_launch_is_taken_and_agrees_with_tritons_own(monkeypatch):
     """After the first call of a specialisation, the check launches the compiled kernel directly (no launch hook is
     installed); its statistics equal those of triton's own launch path and the reference, for aligned and unaligned
     tensors of several dtypes in one batch."""
@@ -385,10 +385,6 @@ def test_the_direct_launch_is_taken_and_agrees_with_tritons_own():
     first = finite_stats_many(xs).cpu()
     assert kernels._stats_launcher().compiled, "no compiled kernel was kept for the direct launch"
     direct = finite_stats_many(xs).cpu()
-    original = kernels._no_launch_hooks
-    try:
-        kernels._no_launch_hooks = lambda: False  # as with a profiler's hook installed: triton's own launch
-        through_triton = finite_stats_many(xs).cpu()
-    finally:
-        kernels._no_launch_hooks = original
+    monkeypatch.setattr(kernels, "_no_launch_hooks", lambda: False)  # as with a profiler's hook: triton's own launch
+    through_triton = finite_stats_many(xs).cpu()
     assert torch.equal(first, expected) and torch.equal(direct, expected) and torch.equal(through_triton, expected)
