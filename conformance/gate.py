@@ -104,7 +104,7 @@ class OutputDiff:
     note: str
 
     def as_dict(self) -> dict:
-        return {"rel_l2": _json_num(self.rel_l2), "per_output": {k: _json_num(v) for k, v in self.per_output.items()}, "note": self.note}
+        return {"rel_l2": finite(self.rel_l2), "per_output": {k: finite(v) for k, v in self.per_output.items()}, "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -196,10 +196,6 @@ class GateResult:
             "cases": [c.as_dict() for c in self.cases],
             "benchmarks": [b.as_dict() for b in self.benchmarks],
         }
-
-
-def _json_num(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
 
 
 # --- per case -----------------------------------------------------------------------------------------------------
