@@ -33,6 +33,7 @@ import importlib.util
 import itertools
 import math
 import os
+import threading
 import types
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ _TRITON_DTYPE_SET = frozenset(TRITON_DTYPES)
 VECTOR_BYTES = 16  # one thread's load: 8 fp16/bf16 or 4 fp32 elements, reduced in registers before accumulating
 TILE_BYTES = 16384  # what one program reads per loop step: four vectors per thread with 8 warps
 NUM_WARPS = 8
-PROGRAMS_PER_SM = 8  # persistent grid: at most this many programs per SM, each striding over the tensor's tiles
+PROGRAMS_PER_SM = 4  # persistent grid: at most this many programs per SM, each striding over the tensor's tiles
 REDUCE_LANES = 256  # a tensor's last program reads its partials in chunks of this many columns
 INTERPRETER_PROGRAMS = 3  # under TRITON_INTERPRET=1 there are no SMs; an odd count makes the grid-stride loop uneven
 
@@ -79,9 +80,18 @@ def finite_stats_many(tensors: list[torch.Tensor], impl: str = "auto") -> torch.
 def finite_stats_groups(tensors: list[torch.Tensor], impl: str = "auto") -> list[tuple[torch.Tensor, list[int]]]:
     """``finite_stats`` of every tensor, as ``(stats, indices)`` pairs: ``stats[k]`` holds the statistics of
     ``tensors[indices[k]]``. One pair per triton launch (the tensors of one dtype), and one for the tensors on the torch
-    path; no host sync, and no per-row indexing (the probes, which place each row themselves, call this)."""
+    path; no host sync, and no per-row indexing."""
+    triton_groups, torch_rows = _launch_groups(tensors, impl)
+    groups = [(_triton_stats_many([tensors[i] for i in indices]), indices) for indices in triton_groups]
+    if torch_rows:
+        groups.append((torch.stack([_torch_finite_stats(tensors[i].detach()) for i in torch_rows]), torch_rows))
+    return groups
+
+
+def _launch_groups(tensors: list[torch.Tensor], impl: str) -> tuple[list[list[int]], list[int]]:
+    """The indices of ``tensors`` the triton kernel reads, one list per launch (per dtype), and those left to torch."""
     if not tensors:
-        return []
+        return [], []
     device = tensors[0].device
     triton_groups: dict[torch.dtype, list[int]] = {}
     torch_rows: list[int] = []
@@ -98,10 +108,116 @@ def finite_stats_groups(tensors: list[torch.Tensor], impl: str = "auto") -> list
             triton_groups.setdefault(t.dtype, []).append(i)
         else:
             torch_rows.append(i)
-    groups = [(_triton_stats_many([tensors[i] for i in indices]), indices) for indices in triton_groups.values()]
-    if torch_rows:
-        groups.append((torch.stack([_torch_finite_stats(tensors[i].detach()) for i in torch_rows]), torch_rows))
-    return groups
+    return list(triton_groups.values()), torch_rows
+
+
+_STREAMS: dict[tuple[int, int], "torch.cuda.Stream"] = {}  # (device index, raw stream) -> its Stream object
+
+
+class HostStats:
+    """Host memory that the statistics of many launches land in, read back with one synchronisation: what a probed
+    forward collects. ``stats_of(tensors)`` (``finite_stats`` of each, one launch per dtype) and ``put(values)``
+    (numbers computed elsewhere: a guard's changed count) return where their numbers start in the flat list that
+    ``take()`` returns; ``take()`` waits for the devices involved, and the next numbers start a new collection.
+
+    On CUDA the memory is pinned, and the device addresses pinned memory directly (unified addressing), so the
+    statistics kernel's last programs store their numbers straight into it: nothing is queued behind a block's
+    forward but the one launch, no copy back, and the synchronisation is all the host waits for. Numbers already in a
+    tensor are copied in (asynchronously from CUDA, in stream order).
+
+    Memory is kept between collections (chunks of float64; a collection that outgrew one chunk gets one large enough
+    next time). A collection abandoned without ``take()`` (``reset()``) may still be written by the device: its chunks
+    are set aside until the next ``take()`` has waited, never reused or freed before."""
+
+    def __init__(self) -> None:
+        self._chunks: list[list] = []  # [flat float64 host tensor, used, base (its first number's index), pinned]
+        self._spare: list[list] = []  # emptied chunks, ready for reuse
+        self._retired: list[list] = []  # chunks of an abandoned collection, kept until the device is waited for
+        self._streams: dict[tuple[int, int], torch.cuda.Stream] = {}  # the streams its numbers come on
+        self._size = 0  # the size of the next chunk made, at least
+
+    def stats_of(self, tensors: list[torch.Tensor], impl: str = "auto") -> list[int]:
+        """Launch ``finite_stats`` of ``tensors`` (all on one device) into this memory; the index of each tensor's
+        four numbers in ``take()``'s list."""
+        triton_groups, torch_rows = _launch_groups(tensors, impl)
+        places = [0] * len(tensors)
+        for indices in triton_groups:
+            device = tensors[indices[0]].device
+            view, at = self._reserve(len(STATS) * len(indices), device)
+            _triton_stats_many([tensors[i] for i in indices], out=view)
+            for row, i in enumerate(indices):
+                places[i] = at + len(STATS) * row
+        if torch_rows:
+            at = self.put(torch.stack([_torch_finite_stats(tensors[i].detach()) for i in torch_rows]))
+            for row, i in enumerate(torch_rows):
+                places[i] = at + len(STATS) * row
+        return places
+
+    def put(self, values: torch.Tensor) -> int:
+        """Copy ``values`` (any shape, float64) in, without waiting; the index of its first number."""
+        flat = values.detach().reshape(-1)
+        view, at = self._reserve(flat.numel(), flat.device)
+        view.copy_(flat, non_blocking=flat.device.type == "cuda")
+        return at
+
+    def take(self) -> list[float]:
+        """Wait for every number of this collection (the one synchronisation) and return them; memory is kept for
+        the next collection. Everything but the wait and the read is done before the wait: what comes after it is on
+        the critical path of a probed loop."""
+        views = [chunk[0][: chunk[1]] for chunk in self._chunks]
+        streams = list(self._streams.values())
+        retired, self._retired = self._retired, []  # freed only after the wait below
+        self._empty(abandoned=False)
+        for stream in streams:
+            stream.synchronize()
+        if len(views) == 1:
+            return views[0].tolist()
+        values: list[float] = []
+        for view in views:
+            values += view.tolist()
+        del retired
+        return values
+
+    def reset(self) -> None:
+        """Start a new collection, abandoning what this one holds."""
+        self._empty(abandoned=bool(self._streams))
+
+    def _empty(self, abandoned: bool) -> None:
+        if abandoned:
+            self._retired += self._chunks
+        elif len(self._chunks) == 1:
+            self._spare = self._chunks
+        elif self._chunks:  # the collection outgrew a chunk: next time, one chunk for all of it
+            self._spare, self._size = [], 2 * sum(chunk[1] for chunk in self._chunks)
+        self._chunks, self._streams = [], {}
+
+    def _reserve(self, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
+        """``n`` float64 numbers of host memory for results from ``device`` (pinned where it is CUDA), and the index
+        of the first one."""
+        pinned = device.type == "cuda"
+        if pinned:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            key = (index, torch._C._cuda_getCurrentRawStream(index))
+            if key not in self._streams:  # a Stream object costs tens of microseconds to make on a slow host: kept
+                stream = _STREAMS.get(key)
+                if stream is None:
+                    stream = _STREAMS[key] = torch.cuda.current_stream(index)
+                self._streams[key] = stream
+        chunk = self._chunks[-1] if self._chunks else None
+        if chunk is None or chunk[1] + n > chunk[0].numel() or (pinned and not chunk[3]):
+            base = chunk[2] + chunk[1] if chunk is not None else 0
+            spare = self._spare[0] if self._spare and not self._chunks else None
+            if spare is not None and spare[0].numel() >= n and (spare[3] or not pinned):
+                chunk = spare
+            else:
+                size = max(n, 1024, self._size, 2 * sum(c[0].numel() for c in self._chunks))
+                chunk = [torch.empty(size, dtype=torch.float64, pin_memory=pinned), 0, 0, pinned]
+            self._spare = []
+            chunk[1], chunk[2] = 0, base
+            self._chunks.append(chunk)
+        at = chunk[1]
+        chunk[1] += n
+        return chunk[0][at : at + n], chunk[2] + at
 
 
 def clamp_with_stats(
@@ -267,16 +383,21 @@ def _triton_clamp(x: torch.Tensor, bound: float, replacement: float | None) -> t
     return out, stats
 
 
-def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One ``stats_many`` launch over tensors of one dtype. The persistent grid is shared out in proportion to size:
-    tensor ``t`` gets ``count[t]`` programs (at least one), and program ``g`` finds its tensor in the table by the first
-    program of each. Pointers travel as element offsets from the first tensor, so that when every tensor is 16-byte
-    aligned the kernel can be told so and load 16-byte vectors (a pointer read from memory carries no alignment the
-    compiler could see).
+def _triton_stats_many(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """One ``stats_many`` launch over tensors of one dtype; the ``[len(tensors), 4]`` float64 statistics go to ``out``
+    (default: a new tensor on the tensors' device; ``HostStats`` hands out host memory the device writes into).
 
-    Host time is what a probe pays per call, so this stays lean: one device allocation holds the completion counters,
-    the table, the partials and the statistics; one asynchronous copy (``_copy_from_host``) zeroes the counters and
-    brings the table; and the launch skips triton's argument binding once the kernel is compiled (``_Launcher``)."""
+    The persistent grid is shared out in proportion to size: tensor ``t`` gets ``count[t]`` programs (at least one),
+    and program ``g`` finds its tensor in the table by the first program of each. Pointers travel as element offsets
+    from the first tensor, so that when every tensor is 16-byte aligned the kernel can be told so and load 16-byte
+    vectors (a pointer read from memory carries no alignment the compiler could see).
+
+    Host time is what a probe pays per call, and the device time after a block's forward is what a probed forward
+    waits for, so this stays lean: the completion counters, the table and the partials live in a scratch kept per
+    device and stream (``_Scratch``; the counters are put back to zero by the kernel itself), the table is copied only
+    when it differs from the one the scratch holds (a probed loop's tensors come back at the same addresses), and the
+    launch skips triton's argument binding once the kernel is compiled (``_Launcher``). In the usual probed forward
+    the launch is the only work queued: no fill, no table copy, no copy back."""
     x0 = tensors[0]
     sources, keep, pointers, numels = [], [], [], []
     for t in tensors:
@@ -293,12 +414,11 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
     block = TILE_BYTES // size
     max_programs = _max_programs(x0.device)
     count = len(sources)
-    counters = count + count % 2  # one per tensor, padded to 16 bytes so that the table after them is aligned
     if count == 1:
         numel = numels[0]
         grid = max(1, min(-(-numel // block), max_programs))
-        head = [0, 0]  # the completion counter (and padding); no table
-        aligned = True  # a pointer argument: triton specialises its alignment itself
+        table = None  # no table; a pointer argument: triton specialises its alignment itself
+        aligned = True
     else:
         numel = 0
         base = pointers[0]
@@ -308,25 +428,63 @@ def _triton_stats_many(tensors: list[torch.Tensor]) -> torch.Tensor:
         firsts = list(itertools.accumulate(counts, initial=0))
         grid = firsts[-1]
         aligned = all(p % VECTOR_BYTES == 0 for p in pointers)
-        head = [0] * counters + [*((p - base) // size for p in pointers), *numels, *firsts[:-1], *counts]
-    # int64 words: [counters (count, padded), table (4 x count)], then float64: [4, grid] partials, [count, 4]
-    # statistics. The partials and statistics are written before they are read, so only the head is filled (by the
-    # copy).
-    words = len(head) + len(STATS) * (grid + count)
-    with _on_device(x0.device):
-        buffer = torch.empty(words, dtype=torch.int64, device=x0.device)
-        _copy_from_host(head, buffer[: len(head)])
-        address = buffer.data_ptr()
-        _stats_launcher()(
-            grid,
-            x0.device,
-            (pointers[0], address + 8 * counters, address + 8 * len(head), address),
-            lambda: (sources[0], buffer[counters:], buffer[len(head) :].view(torch.float64), buffer[:count]),
-            (count, grid, numel),
-            _stats_constexprs(x0.dtype, aligned, count == 1, _triton_kernels().next_power_of_2(count)),
-        )
+        table = [*((p - base) // size for p in pointers), *numels, *firsts[:-1], *counts]
+    device = x0.device
+    with _on_device(device):
+        if out is None:
+            out = torch.empty((count, len(STATS)), dtype=torch.float64, device=device)
+        scratch = _scratch(device, count, grid)
+        with scratch.lock:  # the table compared, copied and read by this launch, not another thread's
+            if table is not None and table != scratch.table:
+                _copy_from_host(table, scratch.tables[: len(table)])
+                scratch.table = table
+            _stats_launcher()(
+                grid,
+                device,
+                (pointers[0], scratch.tables.data_ptr(), scratch.partials.data_ptr(), scratch.counters.data_ptr(), out.data_ptr()),
+                lambda: (sources[0], scratch.tables, scratch.partials, scratch.counters, out),
+                (count, grid, numel),
+                _stats_constexprs(x0.dtype, aligned, count == 1, _triton_kernels().next_power_of_2(count)),
+            )
     del keep  # the caching allocator keeps the copies' memory reserved for the stream until the kernel has run
-    return buffer[len(head) + len(STATS) * grid :].view(torch.float64).view(count, len(STATS))
+    return out
+
+
+class _Scratch:
+    """The working memory of ``stats_many`` launches on one device and stream: one completion counter per tensor
+    (zero between launches: each tensor's last program puts its counter back), the table of the last multi-tensor
+    launch (``table``: its host copy, to skip copying it again) and the ``[4, grid]`` partials. Launches on one stream
+    run in order, so each can use all of it; a launch that needs more gets a larger scratch (the old one stays with
+    the caching allocator until the stream is past it)."""
+
+    def __init__(self, device: torch.device, tensors: int, programs: int) -> None:
+        self.capacity, self.programs = tensors, programs
+        self.counters = torch.zeros(tensors, dtype=torch.int64, device=device)
+        self.tables = torch.empty(4 * tensors, dtype=torch.int64, device=device)
+        self.partials = torch.empty(len(STATS) * programs, dtype=torch.float64, device=device)
+        self.table: list[int] | None = None
+        self.lock = threading.Lock()
+
+
+_SCRATCH: dict[tuple[int, int], _Scratch] = {}
+_SCRATCH_LOCK = threading.Lock()
+
+
+def _scratch(device: torch.device, tensors: int, programs: int) -> _Scratch:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    else:  # the interpreter runs each launch to its end before returning
+        key = (-1, 0)
+    scratch = _SCRATCH.get(key)
+    if scratch is None or scratch.capacity < tensors or scratch.programs < programs:
+        with _SCRATCH_LOCK:
+            scratch = _SCRATCH.get(key)
+            if scratch is None or scratch.capacity < tensors or scratch.programs < programs:
+                grown = (max(tensors, scratch.capacity), max(programs, scratch.programs)) if scratch else (tensors, programs)
+                tensors = max(16, _triton_kernels().next_power_of_2(grown[0]))
+                scratch = _SCRATCH[key] = _Scratch(device, tensors, max(_max_programs(device), grown[1]))
+    return scratch
 
 
 @functools.cache
@@ -450,7 +608,7 @@ def _triton_kernels() -> types.SimpleNamespace:
     The check (``finite_stats``, ``finite_stats_many``) is ``stats_many``: one launch over one or many tensors, built
     on ``finite_stats_of_tiles`` (a max-only first pass with no barrier in its loop; exact counts only over the
     tiles between a program's first and last special tile), and the last of a tensor's programs to finish reduces
-    that tensor's partials (a completion counter per tensor, zeroed by the copy that brings the table), so the
+    that tensor's partials (a completion counter per tensor, which that program puts back to zero), so the
     reductions of many tensors run side by side. On an H200 it reads 200 MiB of fp16 in about 60 us, 3.4 TB/s.
 
     The clamp (``clamp_with_stats``) is ``clamp_partials`` plus ``reduce_partials``. ``clamp_partials`` runs a
@@ -615,8 +773,9 @@ def _triton_kernels() -> types.SimpleNamespace:
     def stats_many(
         base_ptr,  # the first tensor: every tensor's address is an element offset from it
         table_ptr,  # int64 [4, T]: element offsets, element counts, first program, programs (unused when SINGLE)
-        scratch_ptr,  # float64: [4, G] partials, then [T, 4] statistics (each written before it is read)
-        counter_ptr,  # int64 [T], zero: one completion counter per tensor
+        partials_ptr,  # float64 [4, G], each column written before it is read
+        counter_ptr,  # int64 [T], zero: one completion counter per tensor, put back to zero by its last program
+        out_ptr,  # float64 [T, 4]: the statistics (device memory, or pinned host memory the device writes into)
         tensors,
         grid,
         n_single,  # the element count when SINGLE
@@ -654,7 +813,7 @@ def _triton_kernels() -> types.SimpleNamespace:
             nonfinite, nan, largest, saturated = finite_stats_of_tiles(
                 base_ptr + offset, n, program - first, programs, BITS, INF_BITS, MAX_BITS, BLOCK, VEC
             )
-        column = scratch_ptr + program
+        column = partials_ptr + program
         tl.store(column, nonfinite.to(tl.float64))
         tl.store(column + grid, nan.to(tl.float64))
         tl.store(column + 2 * grid, largest)
@@ -668,17 +827,18 @@ def _triton_kernels() -> types.SimpleNamespace:
             max_finite = tl.zeros([BLOCK_P], dtype=tl.float64)
             sum_saturated = tl.zeros([BLOCK_P], dtype=tl.float64)
             for start in range(0, programs, BLOCK_P):
-                columns = scratch_ptr + first + start + lanes
+                columns = partials_ptr + first + start + lanes
                 inside = start + lanes < programs
                 sum_nonfinite += tl.load(columns, mask=inside, other=0.0, cache_modifier=".cg")
                 sum_nan += tl.load(columns + grid, mask=inside, other=0.0, cache_modifier=".cg")
                 max_finite = tl.maximum(max_finite, tl.load(columns + 2 * grid, mask=inside, other=0.0, cache_modifier=".cg"))
                 sum_saturated += tl.load(columns + 3 * grid, mask=inside, other=0.0, cache_modifier=".cg")
-            stats_ptr = scratch_ptr + 4 * grid + which * 4
+            stats_ptr = out_ptr + which * 4
             tl.store(stats_ptr, tl.sum(sum_nonfinite, axis=0))
             tl.store(stats_ptr + 1, tl.sum(sum_nan, axis=0))
             tl.store(stats_ptr + 2, tl.max(max_finite, axis=0))
             tl.store(stats_ptr + 3, tl.sum(sum_saturated, axis=0))
+            tl.store(counter_ptr + which, 0)  # ready for the next launch on this stream
 
     return types.SimpleNamespace(
         clamp_partials=clamp_partials,

@@ -21,8 +21,8 @@ Boundaries are
 
 The first record, in firing order, holding a non-finite value names the module where the bad value was born.
 
-Cost. Statistics are read in one batch after the forward (``kernels.finite_stats_groups``: one read of every tensor,
-one launch per dtype on CUDA), not by a kernel per output: recording keeps a reference and the tensor's version
+Cost. Statistics are read in one batch after the forward (``kernels.HostStats``: one read of every tensor, one
+launch per dtype on CUDA, the numbers stored straight into pinned host memory), not by a kernel per output: recording keeps a reference and the tensor's version
 counter, and the one host sync comes when ``records()`` is called. Recording is a wrapper in front of each module's
 ``forward`` (an instance attribute, removed on exit), not a forward hook: any hook sends every call of a module
 through torch's slow ``_call_impl`` path, which costs more than the recording. A tensor changed in place after its
@@ -39,15 +39,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 import functools
-import itertools
 import sys
+import types
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .kernels import finite_stats, finite_stats_groups
+from .kernels import HostStats, finite_stats
 
 ROOT = "block"
 INPUT = "input"
@@ -82,10 +82,10 @@ class GuardSpy:
 class BoundaryRecord:
     """One boundary tensor of a forward and its statistics.
 
-    ``Probes.records`` makes the records while the forward's statistics are still on their way to the host, and the
-    numbers are read from that one host copy when asked for (``_box``: the shared box the copy lands in; ``_at`` and
+    ``Probes.records`` makes the records while the forward's statistics are still being computed, and the numbers are
+    read from the forward's one host list when asked for (``_box``: the shared box the list lands in; ``_at`` and
     ``_touched_at``: where this record's four numbers and its guard count sit in it); the one synchronisation then only
-    has to drop the copy in the box.
+    has to drop the list in the box.
     """
 
     FIELDS = ("order", "boundary", "module", "tensor", "dtype", "shape", "nonfinite", "nan", "max_abs", "saturated",
@@ -138,14 +138,20 @@ class BoundaryRecord:
         return f"BoundaryRecord({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
+_LEAVES = frozenset({type(None), bool, int, float, str, types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial})
+
+
 def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    kind = type(obj)
+    if kind in _LEAVES:  # the common non-tensor values of a block's keywords, passed without the ABC checks below
+        return
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point():
             yield name, obj
     elif isinstance(obj, (tuple, list)):
         for i, item in enumerate(obj):
             yield from _floating_tensors(item, f"{name}[{i}]")
-    elif isinstance(obj, Mapping):
+    elif kind is dict or isinstance(obj, Mapping):
         for key, item in obj.items():
             yield from _floating_tensors(item, f"{name}.{key}")
 
@@ -153,7 +159,8 @@ def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
 # A boundary tensor is kept as a bare tuple, the cheapest thing a wrapper can append. Until the flush that reads it:
 #   (source, tensor name, tensor, version counter at the boundary)
 # and from then on (the tensor itself is no longer held):
-#   (source, tensor name, dtype, shape, changed in place, (batch, row) of its statistics, index of a guard's count)
+#   (source, tensor name, dtype, shape, changed in place, index of its statistics, index of a guard's count or None)
+# (the indices are into the forward's host list of numbers, ``HostStats``)
 # ``source`` is the module whose output it is (named by records(), from the path map the wrappers were made from), or
 # a (boundary, module name, is_input) triple for a boundary named when it was seen.
 _SEEN = 4
@@ -232,18 +239,23 @@ class Probes:
     _handles: list = field(default_factory=list, init=False)
     _pending: list[tuple] = field(default_factory=list, init=False)  # every boundary tensor, in firing order
     _unflushed: int = field(default=0, init=False)  # index in _pending where the next flush starts
-    _touched: list[torch.Tensor] = field(default_factory=list, init=False)  # guards' changed counts, read with the stats
     _restore: list = field(default_factory=list, init=False)
     _inputs_recorded: bool = field(default=False, init=False)
     _module_paths: dict = field(default_factory=dict, init=False)
     _labels: dict = field(default_factory=dict, init=False)  # module -> (boundary, module name) of its output
     _own_hooks: set = field(default_factory=set, init=False)
-    _batches: list[torch.Tensor] = field(default_factory=list, init=False)  # [k, 4] statistics, read back once
+    _host: HostStats = field(default_factory=HostStats, init=False)  # where the statistics land, read back once
     _watched_inputs: list = field(default_factory=list, init=False)  # (boundary, tensor, version) of inputs read now
     _deferred_bytes: int = field(default=0, init=False)
     _keeps: dict = field(default_factory=dict, init=False)  # _KEEPS_INPUTS of this root
     _probes_at: dict = field(default_factory=dict, init=False)  # module -> its declared input probes
     _wrapped: list = field(default_factory=list, init=False)  # (module, its forward instance attribute or _MISSING)
+    _bare_tuples: dict = field(default_factory=dict, init=False)  # keyword -> the last tuple found to hold no float
+    # The root's inputs noted at the end of the forward (``_note_root_call``): this root was seen to leave them
+    # unchanged and they are top-level tensors. Then the start of the forward only keeps the call and the versions.
+    _defer_inputs: bool = field(default=False, init=False)
+    _flat_inputs: bool = field(default=False, init=False)  # the last walk of the root's inputs found no nested tensor
+    _root_call: tuple | None = field(default=None, init=False)  # (args, kwargs, their tensors' versions at the start)
 
     def _display(self, path: str) -> str:
         return path or self.root_label
@@ -268,14 +280,16 @@ class Probes:
             for name, tensor in named:
                 self._record(source, name, tensor)
             return
-        rows = self._read([t for _, t in named])
+        places = self._read([t for _, t in named])
         source = (boundary, module, True)
-        for (name, tensor), row in zip(named, rows):
-            self._pending.append((source, name, tensor.dtype, tensor.shape, False, row, None))
+        for (name, tensor), at in zip(named, places):
+            self._pending.append((source, name, tensor.dtype, tensor.shape, False, at, None))
             self._watched_inputs.append((boundary, tensor, tensor._version))
 
     def _flush(self) -> None:
         """Read the statistics of every tensor recorded since the last flush, in one batch, and drop the references."""
+        if self._root_call is not None:
+            self._note_root_call()
         start, end = self._unflushed, len(self._pending)
         self._unflushed, self._deferred_bytes = end, 0
         # A tensor recorded twice (a dropout in eval or an identity returns its input) is read once: a quarter of
@@ -301,24 +315,19 @@ class Probes:
                 self._keeps[source[0]] = False
             pending[i] = (source, tensor_name, tensor.dtype, tensor.shape, changed, place, None)
 
-    def _read(self, tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-        """Launch the statistics of ``tensors`` (one batch per device and dtype, no host sync); their (batch, row)
-        places in ``_batches``."""
-        places: list = [None] * len(tensors)
+    def _read(self, tensors: list[torch.Tensor]) -> list[int]:
+        """Launch the statistics of ``tensors`` (one launch per device and dtype, no host sync); where each tensor's
+        four numbers will sit in the forward's host list (``HostStats``)."""
         device = tensors[0].device
         if all(t.device == device for t in tensors):
-            by_device = [list(range(len(tensors)))]
-        else:
-            grouped: dict[torch.device, list[int]] = {}
-            for i, t in enumerate(tensors):
-                grouped.setdefault(t.device, []).append(i)
-            by_device = list(grouped.values())
-        for members in by_device:
-            for stats, indices in finite_stats_groups([tensors[i] for i in members]):
-                batch = len(self._batches)
-                self._batches.append(stats)
-                for row, i in enumerate(indices):
-                    places[members[i]] = (batch, row)
+            return self._host.stats_of(tensors)
+        places: list = [None] * len(tensors)
+        grouped: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            grouped.setdefault(t.device, []).append(i)
+        for members in grouped.values():
+            for i, at in zip(members, self._host.stats_of([tensors[i] for i in members])):
+                places[i] = at
         return places
 
     def _output_hook(self, module, _args, output):
@@ -350,11 +359,10 @@ class Probes:
                 # outside every module: the component's own code around its modules (a VAE's decode clamps there)
                 module = self._running_module()
                 changed = (out != tensor) & ~(torch.isnan(out) & torch.isnan(tensor))
-                self._batches.append(tensor_stats(tensor).reshape(1, -1))
-                place = (len(self._batches) - 1, 0)
-                self._touched.append(changed.sum(dtype=torch.float64))
+                at = self._host.stats_of([tensor])[0]
+                touched_at = self._host.put(changed.sum(dtype=torch.float64))
                 source = (f"input of {spy.label}", module, False)
-                self._pending.append((source, spy.label, tensor.dtype, tensor.shape, False, place, len(self._touched) - 1))
+                self._pending.append((source, spy.label, tensor.dtype, tensor.shape, False, at, touched_at))
             return out
 
         return guarded
@@ -378,13 +386,43 @@ class Probes:
         if self._inputs_recorded and not explicit:
             return
         named = list(_floating_tensors(list(args), "args")) if args else []
+        flat = all(type(a) is torch.Tensor for a in args)
+        bare = self._bare_tuples
         for key, value in kwargs.items():
             if type(value) is torch.Tensor:  # the usual case, without the generator
                 if value.is_floating_point():
                     named.append((key, value))
-            elif value is not None:
-                named.extend(_floating_tensors(value, key))
+            elif value is not None and bare.get(key) is not value:
+                found = list(_floating_tensors(value, key))
+                named.extend(found)
+                flat = flat and not found
+                if not found and type(value) is tuple and all(type(item) is torch.Tensor for item in value):
+                    # a tuple of tensors with nothing to read (diffusers' complex rotary tables): passed by identity
+                    # next time, as the same tuple cannot hold other tensors nor its tensors change dtype
+                    bare[key] = value
+        self._flat_inputs = flat and not explicit
         self._record_input("component input", INPUT, named)
+
+    def _note_root_call(self) -> None:
+        """The root's inputs of a call whose start only kept them (``_defer_inputs``), as ``_record_root_inputs``
+        would have recorded them, with the versions they had when the call began; ahead of everything recorded since
+        (they are the forward's first boundary)."""
+        args, kwargs, arg_versions, kwarg_versions = self._root_call
+        self._root_call = None
+        source, entries = ("component input", INPUT, True), []
+        for prefix, values, versions in (("args", args, arg_versions), (None, kwargs, kwarg_versions)):
+            versions = iter(versions)
+            for key, value in enumerate(values) if prefix else values.items():
+                name = f"{prefix}[{key}]" if prefix else key
+                if type(value) is torch.Tensor:
+                    version = next(versions)
+                    if value.is_floating_point():
+                        entries.append((source, name, value, version))
+                elif value is not None and self._bare_tuples.get(key) is not value:
+                    for nested_name, tensor in _floating_tensors(value, name):  # new since the last walk: version now
+                        entries.append((source, nested_name, tensor, tensor._version))
+                        self._flat_inputs = False
+        self._pending[self._unflushed : self._unflushed] = entries
 
     def _record_declared_inputs(self, module, args):
         for probe in self._probes_at[module]:
@@ -394,12 +432,14 @@ class Probes:
                 self._record_input(probe.boundary, self._display(probe.produced_by), [(probe.tensor, args[probe.index])])
 
     def _start_forward(self) -> None:
-        self._pending, self._unflushed, self._touched = [], 0, []
-        self._deferred_bytes, self._batches, self._watched_inputs = 0, [], []
-        self._inputs_recorded = False
+        self._pending, self._unflushed = [], 0
+        self._deferred_bytes, self._watched_inputs = 0, []
+        self._inputs_recorded, self._root_call = False, None
+        self._defer_inputs = self._flat_inputs and self._keeps.get("component input", False)
 
     def __enter__(self) -> Probes:
         self._start_forward()
+        self._host.reset()
         if not self.enabled:
             return self
         self._keeps = _KEEPS_INPUTS.setdefault(self.root, {})
@@ -441,7 +481,14 @@ class Probes:
 
         def probed_forward(*args, **kwargs):
             if root and not state._inputs_recorded:
-                state._record_root_inputs(module, args, kwargs)
+                if state._defer_inputs:  # the forward's start is on the critical path: keep the call, note it later
+                    state._inputs_recorded = True
+                    state._root_call = (
+                        args, kwargs, [a._version for a in args if type(a) is torch.Tensor] if args else (),
+                        [v._version for v in kwargs.values() if type(v) is torch.Tensor],
+                    )  # fmt: skip
+                else:
+                    state._record_root_inputs(module, args, kwargs)
             if probes is not None:
                 state._record_declared_inputs(module, args)
             output = forward(*args, **kwargs)
@@ -486,54 +533,24 @@ class Probes:
         if not self._pending:
             self._start_forward()
             return []
-        transfer = _HostTransfer(self._batches, self._touched)
-        starts, touched_base = transfer.starts, len(self._batches)
-        box: list = [None]  # the host copy of the statistics, once it has arrived
+        box: list = [None]  # the statistics on the host, once they have arrived
         out = []
         labels = self._labels
-        for source, tensor_name, dtype, shape, changed, (batch, row), touched_at in self._pending:
+        for source, tensor_name, dtype, shape, changed, at, touched_at in self._pending:
             if type(source) is tuple:
                 boundary, module = source[0], source[1]
             else:
                 boundary, module = labels[source]  # every recorded module was in the map when its wrapper was made
             name, fmax = _dtype_facts(dtype)
-            touched = None if touched_at is None else starts[touched_base + touched_at]
-            out.append(BoundaryRecord(len(out), boundary, module, tensor_name, name, list(shape), changed, box, starts[batch] + 4 * row, fmax, touched))
+            out.append(BoundaryRecord(len(out), boundary, module, tensor_name, name, list(shape), changed, box, at, fmax, touched_at))
         self._start_forward()
-        box[0] = transfer.values()  # the one host sync
+        box[0] = self._host.take()  # the one host sync
         return out
 
 
 @functools.cache
 def _dtype_facts(dtype: torch.dtype) -> tuple[str, float]:
     return str(dtype).removeprefix("torch."), torch.finfo(dtype).max
-
-
-class _HostTransfer:
-    """The statistics batches (``[k, 4]`` each) and the guards' scalars, flattened and on their way to the host: on
-    CUDA an asynchronous copy into pinned memory, so that the caller can prepare its records meanwhile; ``values()``
-    waits for it (the one host sync) and returns the flat list. ``starts[i]`` is where part ``i`` begins in it."""
-
-    def __init__(self, batches: list[torch.Tensor], scalars: list[torch.Tensor]) -> None:
-        parts = [b.reshape(-1) for b in batches] + [s.reshape(1) for s in scalars]
-        self.starts = list(itertools.accumulate((p.numel() for p in parts), initial=0))
-        device = parts[0].device
-        self.stream = None
-        if any(p.device != device for p in parts):  # several devices: one blocking copy each, in order
-            self.host = torch.cat([p.cpu() for p in parts])
-            return
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if device.type == "cuda":
-            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            self.host.copy_(flat, non_blocking=True)
-            self.stream = torch.cuda.current_stream(device)
-        else:
-            self.host = flat
-
-    def values(self) -> list[float]:
-        if self.stream is not None:
-            self.stream.synchronize()
-        return self.host.tolist()
 
 
 def first_nonfinite(records: list[BoundaryRecord]) -> dict | None:

@@ -388,3 +388,43 @@ def test_the_direct_launch_is_taken_and_agrees_with_tritons_own(monkeypatch):
     monkeypatch.setattr(kernels, "_no_launch_hooks", lambda: False)  # as with a profiler's hook: triton's own launch
     through_triton = finite_stats_many(xs).cpu()
     assert torch.equal(first, expected) and torch.equal(direct, expected) and torch.equal(through_triton, expected)
+
+
+@pytest.mark.parametrize(("device", "impl"), PATHS)
+def test_launches_sharing_the_scratch_each_read_their_own_table(device, impl):
+    """Launches on one stream share the counters, table and partials: a table is copied only when it differs from the
+    one the scratch holds, and each tensor's last program puts its counter back. Alternating sets (two tables, one of
+    them repeated, and single tensors without a table) all agree with the reference."""
+    a = [_seeded_tensor(torch.float16, numel, seed, 3, device) for seed, numel in enumerate((3 * 4096 + 5, 77, 8192))]
+    b = [_seeded_tensor(torch.float16, numel, seed + 10, 3, device) for seed, numel in enumerate((5, 2 * 4096, 999, 4096 + 1))]
+    for xs in (a, b, a, a, [b[1]], b, [a[0]], a):
+        assert torch.equal(finite_stats_many(xs, impl=impl).cpu(), torch.stack([reference_stats(x.cpu()) for x in xs]))
+
+
+@pytest.mark.parametrize(("device", "impl"), PATHS)
+def test_host_stats_collects_launches_and_values_for_one_synchronisation(device, impl):
+    """``HostStats``: the statistics of several launches (two dtypes, and float64 on the torch path) and single values
+    land at the indices handed out; a collection larger than one chunk spans chunks; the next collection reuses the
+    memory, and one abandoned with ``reset()`` leaves the next one right."""
+    from conformance.kernels import HostStats
+
+    host = HostStats()
+    xs = [
+        _seeded_tensor(torch.float16, 3 * 4096 + 5, 1, 3, device),
+        _seeded_tensor(torch.bfloat16, 999, 2, 2, device),
+        _seeded_tensor(torch.float16, 17, 3, 1, device),
+        torch.tensor([1.0, math.inf, -2.5], dtype=torch.float64, device=device),
+    ]
+    for _ in range(2):
+        places = host.stats_of(xs[:3], impl=impl) + host.stats_of(xs[3:])  # float64: always the torch path
+        count = host.put(torch.tensor(42.0, dtype=torch.float64, device=device))
+        many = host.stats_of([xs[2]] * 300, impl=impl)  # 1200 numbers: past the first chunk
+        values = host.take()
+        for x, at in zip(xs, places):
+            assert values[at : at + 4] == reference_stats(x.cpu()).tolist()
+        assert values[count] == 42.0
+        assert all(values[at : at + 4] == reference_stats(xs[2].cpu()).tolist() for at in many)
+    host.stats_of([xs[0]], impl=impl)
+    host.reset()  # abandoned: its memory is set aside, not reused
+    at = host.stats_of([xs[1]], impl=impl)[0]
+    assert host.take()[at : at + 4] == reference_stats(xs[1].cpu()).tolist()

@@ -191,6 +191,29 @@ def test_a_deferred_input_changed_after_all_is_flagged_and_read_on_sight_again()
     assert _KEEPS_INPUTS[module]["component input"] is False
 
 
+def test_inputs_noted_at_the_end_of_a_loops_forwards_keep_their_start_versions():
+    """Once a root is seen to leave its top-level tensor inputs alone, a forward's start only keeps the call and the
+    inputs' versions (the start of a forward is on the GPU's critical path); the inputs are noted at the end with
+    those versions, ahead of the outputs. A later in-place update is still flagged, and the next forward reads the
+    inputs on sight again."""
+    module = _AddsInPlace(False)
+    with torch.no_grad(), Probes(module) as probes:
+        seen = []
+        for step in range(4):
+            module.in_place = step == 2
+            x = torch.ones(2, 4)
+            x[0, 0] = math.nan
+            module(x)
+            seen.append((probes._defer_inputs, probes.records()))
+    assert [deferred for deferred, _ in seen] == [False, True, True, False]
+    for step, (_, records) in enumerate(seen):
+        assert [(r.module, r.tensor) for r in records][:1] == [("input", "args[0]")]
+        assert records[0].changed_in_place is (step == 2), step
+        if step != 2:
+            assert first_nonfinite(records)["module"] == "input"
+    assert [r.as_dict() for r in seen[1][1]] == [r.as_dict() for r in seen[0][1]]
+
+
 def test_a_module_with_its_own_output_hook_is_recorded_after_it():
     """Global hooks run before a module's own; a module that edits its output in a hook is recorded as its caller
     sees it."""
@@ -263,8 +286,8 @@ def test_a_tensor_recorded_twice_is_read_once(monkeypatch):
 
     module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1)).eval()
     read = []
-    real = probes_module.finite_stats_groups
-    monkeypatch.setattr(probes_module, "finite_stats_groups", lambda tensors: read.append(len(tensors)) or real(tensors))
+    real = probes_module.HostStats.stats_of
+    monkeypatch.setattr(probes_module.HostStats, "stats_of", lambda self, tensors: read.append(len(tensors)) or real(self, tensors))
     x = torch.ones(2, 4)
     with torch.no_grad(), Probes(module) as probes:
         module(x)
