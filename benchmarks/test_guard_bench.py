@@ -6,8 +6,9 @@
 * ``test_probe_overhead``: the Qwen block in bf16 with probes off, on the block's inputs and outputs (``io``) and on
   every module (``all``), installed once as over a sampler's steps: each timed call is one forward, its one host sync
   and the building of its records (entering the probes is timed apart, ``install_s``). ``extra_info["overhead"]``
-  comes from a separate interleaved measurement (the three scopes alternating, 400 forwards each), so that drift
-  during the session does not bias it. ``extra_info["device_overhead"]`` is the same ratio of GPU times with the host's
+  comes from a separate interleaved measurement (the three scopes alternating in 40 rounds of 10 forwards, 400 forwards
+  each), so that drift during the session does not bias it; ``paired_overhead`` is the median over rounds of each
+  round's ratio. ``extra_info["device_overhead"]`` is the same ratio of GPU times with the host's
   time hidden (a sleep kernel queued before each forward, 8 x 5 forwards per scope): what the probes add on the device,
   free of the host's noise. Targets, on an H100/H200 (recorded, not asserted): ``io`` at most 1 % over ``off``, ``all``
   at most 10 %.
@@ -160,11 +161,14 @@ class ProbedLoop:
         return start.elapsed_time(end) / 1e3
 
 
-def _interleaved(forward: Forward, scopes: tuple[str, ...]) -> dict[str, float]:
+def _interleaved(forward: Forward, scopes: tuple[str, ...]) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per forward of each probe scope, measured in alternating runs (``PER_ROUND`` forwards of each
     scope per round, ``INTERLEAVED_ROUNDS`` rounds), so that a drift of the machine during the session (clocks,
-    other tenants) moves every scope alike and the overhead ratios are not skewed by the order of the tests."""
+    other tenants) moves every scope alike and the overhead ratios are not skewed by the order of the tests. Also the
+    paired overhead of each scope: the median over rounds of its round median over ``off``'s in the same round (a
+    drift between rounds cancels)."""
     times: dict[str, list[float]] = {scope: [] for scope in scopes}
+    per_round: dict[str, list[float]] = {scope: [] for scope in scopes}
     for scope in scopes:
         with ProbedLoop(forward, scope) as loop:
             for _ in range(WARMUP):
@@ -176,7 +180,10 @@ def _interleaved(forward: Forward, scopes: tuple[str, ...]) -> dict[str, float]:
                     start = time.perf_counter()
                     loop()
                     times[scope].append(time.perf_counter() - start)
-    return {scope: statistics.median(values) for scope, values in times.items()}
+            per_round[scope].append(statistics.median(times[scope][-PER_ROUND:]))
+    medians = {scope: statistics.median(values) for scope, values in times.items()}
+    paired = {scope: statistics.median(a / b - 1 for a, b in zip(per_round[scope], per_round["off"])) for scope in scopes}
+    return medians, paired
 
 
 def _device_times(forward: Forward, scopes: tuple[str, ...]) -> dict[str, float]:
@@ -189,14 +196,14 @@ def _device_times(forward: Forward, scopes: tuple[str, ...]) -> dict[str, float]
         for scope in scopes:
             with ProbedLoop(forward, scope) as loop:
                 loop()
-                times[scope].extend(loop.device_seconds() for _ in range(PER_ROUND // 4))
+                times[scope].extend(loop.device_seconds() for _ in range(DEVICE_PER_ROUND))
     return {scope: statistics.median(values) for scope, values in times.items()}
 
 
-INTERLEAVED_ROUNDS, PER_ROUND = (20, 20) if CUDA else (2, 2)
-DEVICE_ROUNDS = 8
+INTERLEAVED_ROUNDS, PER_ROUND = (40, 10) if CUDA else (2, 2)
+DEVICE_ROUNDS, DEVICE_PER_ROUND = 8, 5
 SLEEP_CYCLES = 20_000_000  # ~10 ms at 2 GHz: longer than the host takes to queue a forward
-_INTERLEAVED: dict[str, dict[str, float]] = {}
+_INTERLEAVED: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
 _DEVICE: dict[str, dict[str, float]] = {}
 
 
@@ -211,12 +218,12 @@ def test_probe_overhead(benchmark, tmp_path_factory, subject, probes):
     if subject not in _INTERLEAVED:
         _INTERLEAVED[subject] = _interleaved(forward, ("off", "io", "all"))
         _DEVICE[subject] = _device_times(forward, ("off", "io", "all"))
-    medians, device = _INTERLEAVED[subject], _DEVICE[subject]
+    (medians, paired), device = _INTERLEAVED[subject], _DEVICE[subject]
     target = {"io": "<= 1 % (H100/H200)", "all": "<= 10 % (H100/H200)"}.get(probes)
     benchmark.extra_info.update(
         device=str(DEVICE), scale=SCALE, target=target,
         interleaved_median_s=medians[probes], interleaved_off_median_s=medians["off"],
-        overhead=medians[probes] / medians["off"] - 1,
+        overhead=medians[probes] / medians["off"] - 1, paired_overhead=paired[probes],
         forwards_per_scope=INTERLEAVED_ROUNDS * PER_ROUND, install_s=loop.install_s,
         device_median_s=device.get(probes), device_off_median_s=device.get("off"),
         device_overhead=device[probes] / device["off"] - 1 if device else None,
