@@ -438,10 +438,11 @@ def _triton_stats_many(tensors: list[torch.Tensor], out: torch.Tensor | None = N
             if table is not None and table != scratch.table:
                 _copy_from_host(table, scratch.tables[: len(table)])
                 scratch.table = table
+            addresses = (pointers[0], scratch.tables.data_ptr(), scratch.partials.data_ptr(), scratch.counters.data_ptr())
             _stats_launcher()(
                 grid,
                 device,
-                (pointers[0], scratch.tables.data_ptr(), scratch.partials.data_ptr(), scratch.counters.data_ptr(), out.data_ptr()),
+                (*addresses, out.data_ptr()),
                 lambda: (sources[0], scratch.tables, scratch.partials, scratch.counters, out),
                 (count, grid, numel),
                 _stats_constexprs(x0.dtype, aligned, count == 1, _triton_kernels().next_power_of_2(count)),
@@ -481,9 +482,10 @@ def _scratch(device: torch.device, tensors: int, programs: int) -> _Scratch:
         with _SCRATCH_LOCK:
             scratch = _SCRATCH.get(key)
             if scratch is None or scratch.capacity < tensors or scratch.programs < programs:
-                grown = (max(tensors, scratch.capacity), max(programs, scratch.programs)) if scratch else (tensors, programs)
-                tensors = max(16, _triton_kernels().next_power_of_2(grown[0]))
-                scratch = _SCRATCH[key] = _Scratch(device, tensors, max(_max_programs(device), grown[1]))
+                if scratch is not None:  # grown to hold both this launch and what the old one held
+                    tensors, programs = max(tensors, scratch.capacity), max(programs, scratch.programs)
+                tensors = max(16, _triton_kernels().next_power_of_2(tensors))
+                scratch = _SCRATCH[key] = _Scratch(device, tensors, max(_max_programs(device), programs))
     return scratch
 
 

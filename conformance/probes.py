@@ -22,18 +22,21 @@ Boundaries are
 The first record, in firing order, holding a non-finite value names the module where the bad value was born.
 
 Cost. Statistics are read in one batch after the forward (``kernels.HostStats``: one read of every tensor, one
-launch per dtype on CUDA, the numbers stored straight into pinned host memory), not by a kernel per output: recording keeps a reference and the tensor's version
-counter, and the one host sync comes when ``records()`` is called. Recording is a wrapper in front of each module's
-``forward`` (an instance attribute, removed on exit), not a forward hook: any hook sends every call of a module
-through torch's slow ``_call_impl`` path, which costs more than the recording. A tensor changed in place after its
-boundary is marked ``changed_in_place`` (its numbers are of the later values) and is not taken as the first
-non-finite. The probes can stay installed over many forwards (a sampler's steps): each ``records()`` returns what
-was seen since the last one.
+launch per dtype on CUDA, the numbers stored straight into pinned host memory), not by a kernel per output:
+recording keeps a reference and the tensor's version counter, and the one host sync comes when ``records()`` is
+called. Recording is a wrapper in front of each module's ``forward`` (an instance attribute, removed on exit), not a
+forward hook: any hook sends every call of a module through torch's slow ``_call_impl`` path, which costs more than
+the recording. A tensor changed in place after its boundary is marked ``changed_in_place`` (its numbers are of the
+later values) and is not taken as the first non-finite. The probes can stay installed over many forwards (a
+sampler's steps): each ``records()`` returns what was seen since the last one.
 
 Inputs are the exception: blocks update their inputs and residual streams in place (ComfyUI's FLUX does ``img +=
 ...``), so the component's inputs and the declared intermediate inputs are read when they are seen, unless this very
 module was seen before to leave them unchanged; then they join the end-of-forward batch, still guarded by their
-version counters. Pending tensors are read early once they hold 1 GiB, to bound the memory held.
+version counters. For the component's own inputs the start of the forward then keeps only the call and the inputs'
+version counters, and the inputs are noted at the end (the start of a block's forward is host-bound: every
+microsecond of Python there is wall time). Pending tensors are read early once they hold 1 GiB, to bound the memory
+held.
 """
 from __future__ import annotations
 
