@@ -114,6 +114,17 @@ def _launch_groups(tensors: list[torch.Tensor], impl: str) -> tuple[list[list[in
 _STREAMS: dict[tuple[int, int], "torch.cuda.Stream"] = {}  # (device index, raw stream) -> its Stream object
 
 
+class _Chunk:
+    """A flat float64 host buffer of ``HostStats``: ``used`` numbers filled so far, the first of which is number
+    ``base`` of the collection."""
+
+    __slots__ = ("memory", "used", "base", "pinned")
+
+    def __init__(self, size: int, pinned: bool) -> None:
+        self.memory = torch.empty(size, dtype=torch.float64, pin_memory=pinned)
+        self.used, self.base, self.pinned = 0, 0, pinned
+
+
 class HostStats:
     """Host memory that the statistics of many launches land in, read back with one synchronisation: what a probed
     forward collects. ``stats_of(tensors)`` (``finite_stats`` of each, one launch per dtype) and ``put(values)``
@@ -130,9 +141,9 @@ class HostStats:
     are set aside until the next ``take()`` has waited, never reused or freed before."""
 
     def __init__(self) -> None:
-        self._chunks: list[list] = []  # [flat float64 host tensor, used, base (its first number's index), pinned]
-        self._spare: list[list] = []  # emptied chunks, ready for reuse
-        self._retired: list[list] = []  # chunks of an abandoned collection, kept until the device is waited for
+        self._chunks: list[_Chunk] = []  # this collection's, in order
+        self._spare: list[_Chunk] = []  # an emptied chunk, ready for reuse
+        self._retired: list[_Chunk] = []  # chunks of an abandoned collection, kept until the device is waited for
         self._streams: dict[tuple[int, int], torch.cuda.Stream] = {}  # the streams its numbers come on
         self._size = 0  # the size of the next chunk made, at least
 
@@ -164,7 +175,7 @@ class HostStats:
         """Wait for every number of this collection (the one synchronisation) and return them; memory is kept for
         the next collection. Everything but the wait and the read is done before the wait: what comes after it is on
         the critical path of a probed loop."""
-        views = [chunk[0][: chunk[1]] for chunk in self._chunks]
+        views = [chunk.memory[: chunk.used] for chunk in self._chunks]
         streams = list(self._streams.values())
         retired, self._retired = self._retired, []  # freed only after the wait below
         self._empty(abandoned=False)
@@ -188,7 +199,7 @@ class HostStats:
         elif len(self._chunks) == 1:
             self._spare = self._chunks
         elif self._chunks:  # the collection outgrew a chunk: next time, one chunk for all of it
-            self._spare, self._size = [], 2 * sum(chunk[1] for chunk in self._chunks)
+            self._spare, self._size = [], 2 * sum(chunk.used for chunk in self._chunks)
         self._chunks, self._streams = [], {}
 
     def _reserve(self, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -204,20 +215,19 @@ class HostStats:
                     stream = _STREAMS[key] = torch.cuda.current_stream(index)
                 self._streams[key] = stream
         chunk = self._chunks[-1] if self._chunks else None
-        if chunk is None or chunk[1] + n > chunk[0].numel() or (pinned and not chunk[3]):
-            base = chunk[2] + chunk[1] if chunk is not None else 0
+        if chunk is None or chunk.used + n > chunk.memory.numel() or (pinned and not chunk.pinned):
+            base = chunk.base + chunk.used if chunk is not None else 0
             spare = self._spare[0] if self._spare and not self._chunks else None
-            if spare is not None and spare[0].numel() >= n and (spare[3] or not pinned):
+            if spare is not None and spare.memory.numel() >= n and (spare.pinned or not pinned):
                 chunk = spare
             else:
-                size = max(n, 1024, self._size, 2 * sum(c[0].numel() for c in self._chunks))
-                chunk = [torch.empty(size, dtype=torch.float64, pin_memory=pinned), 0, 0, pinned]
+                chunk = _Chunk(max(n, 1024, self._size, 2 * sum(c.memory.numel() for c in self._chunks)), pinned)
             self._spare = []
-            chunk[1], chunk[2] = 0, base
+            chunk.used, chunk.base = 0, base
             self._chunks.append(chunk)
-        at = chunk[1]
-        chunk[1] += n
-        return chunk[0][at : at + n], chunk[2] + at
+        at = chunk.used
+        chunk.used += n
+        return chunk.memory[at : at + n], chunk.base + at
 
 
 def clamp_with_stats(
