@@ -481,14 +481,15 @@ class Probes:
         probes, state = self._probes_at.get(module), self
         root = module is self.root
         outputs = module not in self._own_hooks
+        tensor_type = torch.Tensor  # a closure variable: no global and attribute lookups in the calls below
 
         def probed_forward(*args, **kwargs):
             if root and not state._inputs_recorded:
                 if state._defer_inputs:  # the forward's start is on the critical path: keep the call, note it later
                     state._inputs_recorded = True
                     state._root_call = (
-                        args, kwargs, [a._version for a in args if type(a) is torch.Tensor] if args else (),
-                        [v._version for v in kwargs.values() if type(v) is torch.Tensor],
+                        args, kwargs, [a._version for a in args if type(a) is tensor_type] if args else (),
+                        [v._version for v in kwargs.values() if type(v) is tensor_type],
                     )  # fmt: skip
                 else:
                     state._record_root_inputs(module, args, kwargs)
@@ -496,7 +497,7 @@ class Probes:
                 state._record_declared_inputs(module, args)
             output = forward(*args, **kwargs)
             if outputs:
-                if type(output) is torch.Tensor:
+                if type(output) is tensor_type:
                     if output.is_floating_point():  # _record, inlined: this runs once per module per forward
                         state._pending.append((module, "output", output, output._version))
                         state._deferred_bytes += output.nbytes
