@@ -194,9 +194,11 @@ class HostStats:
         self._empty(abandoned=bool(self._streams))
 
     def _empty(self, abandoned: bool) -> None:
-        if abandoned:
+        if abandoned:  # its streams stay listed, so that the next take() waits for them before the chunks go
             self._retired += self._chunks
-        elif len(self._chunks) == 1:
+            self._chunks = []
+            return
+        if len(self._chunks) == 1:
             self._spare = self._chunks
         elif self._chunks:  # the collection outgrew a chunk: next time, one chunk for all of it
             self._spare, self._size = [], 2 * sum(chunk.used for chunk in self._chunks)
