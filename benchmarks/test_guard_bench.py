@@ -25,12 +25,12 @@ import time
 import pytest
 import torch
 
+from benchmarks.engines import DEVICE, SUBJECTS, engine
 from conformance.backends import CallCounter
 from conformance.families import family_of
 from conformance.guards import GuardContext, GuardRun, get_policy, support_reason
 from conformance.precision import get_precision
 from conformance.probes import Probes
-from benchmarks.engines import DEVICE, SUBJECTS, engine
 from conformance.runner import Engine
 
 pytestmark = pytest.mark.bench

@@ -8,16 +8,14 @@ would use (CUDA when present). The subject is diffusers, plus ComfyUI when ``COM
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
+from benchmarks.engines import DEVICE, SUBJECTS, engine
 from conformance.families import vae
 from conformance.precision import get_precision
-from benchmarks.engines import DEVICE, SUBJECTS, engine
 
 pytestmark = pytest.mark.bench
-
 
 
 def _sync() -> None:

@@ -278,13 +278,12 @@ class Probes:
         end of the forward can tell whether the block updated it in place."""
         if not named:
             return
+        source = (boundary, module, True)
         if self._keeps.get(boundary):
-            source = (boundary, module, True)
             for name, tensor in named:
                 self._record(source, name, tensor)
             return
         places = self._read([t for _, t in named])
-        source = (boundary, module, True)
         for (name, tensor), at in zip(named, places):
             self._pending.append((source, name, tensor.dtype, tensor.shape, False, at, None))
             self._watched_inputs.append((boundary, tensor, tensor._version))
@@ -385,24 +384,33 @@ class Probes:
                 for tensor_name, tensor in _floating_tensors(value, name):
                     self._record(source, tensor_name, tensor)
 
+    def _root_inputs(self, args, kwargs) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        """``(name, tensor, top_level)`` for every top-level tensor argument of a root call (floating or not: the
+        versions kept at a call's start are of these) and every floating tensor nested in the others, in order."""
+        bare = self._bare_tuples
+        for prefix, items in (("args", enumerate(args)), (None, kwargs.items())):
+            for key, value in items:
+                name = f"{prefix}[{key}]" if prefix else key
+                if type(value) is torch.Tensor:  # the usual case, without the generator
+                    yield name, value, True
+                elif value is not None and bare.get(key) is not value:
+                    found = False
+                    for nested_name, tensor in _floating_tensors(value, name):
+                        found = True
+                        yield nested_name, tensor, False
+                    if not found and type(value) is tuple and all(type(item) is torch.Tensor for item in value):
+                        # a tuple of tensors with nothing to read (diffusers' complex rotary tables): passed by
+                        # identity next time, as the same tuple cannot hold other tensors nor its tensors change dtype
+                        bare[key] = value
+
     def _record_root_inputs(self, _module, args, kwargs, explicit: bool = False):
         if self._inputs_recorded and not explicit:
             return
-        named = list(_floating_tensors(list(args), "args")) if args else []
-        flat = all(type(a) is torch.Tensor for a in args)
-        bare = self._bare_tuples
-        for key, value in kwargs.items():
-            if type(value) is torch.Tensor:  # the usual case, without the generator
-                if value.is_floating_point():
-                    named.append((key, value))
-            elif value is not None and bare.get(key) is not value:
-                found = list(_floating_tensors(value, key))
-                named.extend(found)
-                flat = flat and not found
-                if not found and type(value) is tuple and all(type(item) is torch.Tensor for item in value):
-                    # a tuple of tensors with nothing to read (diffusers' complex rotary tables): passed by identity
-                    # next time, as the same tuple cannot hold other tensors nor its tensors change dtype
-                    bare[key] = value
+        named, flat = [], all(type(a) is torch.Tensor for a in args)
+        for name, tensor, top_level in self._root_inputs(args, kwargs):
+            if tensor.is_floating_point():
+                named.append((name, tensor))
+            flat = flat and top_level
         self._flat_inputs = flat and not explicit
         self._record_input("component input", INPUT, named)
 
@@ -412,19 +420,15 @@ class Probes:
         (they are the forward's first boundary)."""
         args, kwargs, arg_versions, kwarg_versions = self._root_call
         self._root_call = None
-        source, entries = ("component input", INPUT, True), []
-        for prefix, values, versions in (("args", args, arg_versions), (None, kwargs, kwarg_versions)):
-            versions = iter(versions)
-            for key, value in enumerate(values) if prefix else values.items():
-                name = f"{prefix}[{key}]" if prefix else key
-                if type(value) is torch.Tensor:
-                    version = next(versions)
-                    if value.is_floating_point():
-                        entries.append((source, name, value, version))
-                elif value is not None and self._bare_tuples.get(key) is not value:
-                    for nested_name, tensor in _floating_tensors(value, name):  # new since the last walk: version now
-                        entries.append((source, nested_name, tensor, tensor._version))
-                        self._flat_inputs = False
+        source, entries, versions = ("component input", INPUT, True), [], iter((*arg_versions, *kwarg_versions))
+        for name, tensor, top_level in self._root_inputs(args, kwargs):
+            if top_level:
+                version = next(versions)
+            else:  # a nested tensor, new since the last walk: its version now, and the next forward walks at its start
+                version = tensor._version
+                self._flat_inputs = False
+            if tensor.is_floating_point():
+                entries.append((source, name, tensor, version))
         self._pending[self._unflushed : self._unflushed] = entries
 
     def _record_declared_inputs(self, module, args):
