@@ -144,7 +144,9 @@ class BoundaryRecord:
 _LEAVES = frozenset({type(None), bool, int, float, str, types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial})
 
 
-def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+def floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every floating tensor in ``obj``, walking tuples, lists and mappings (``name[0]``,
+    ``name.key``): what the probes record of a value a module takes or returns."""
     kind = type(obj)
     if kind in _LEAVES:  # the common non-tensor values of a block's keywords, passed without the ABC checks below
         return
@@ -153,10 +155,10 @@ def _floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, obj
     elif isinstance(obj, (tuple, list)):
         for i, item in enumerate(obj):
-            yield from _floating_tensors(item, f"{name}[{i}]")
+            yield from floating_tensors(item, f"{name}[{i}]")
     elif kind is dict or isinstance(obj, Mapping):
         for key, item in obj.items():
-            yield from _floating_tensors(item, f"{name}.{key}")
+            yield from floating_tensors(item, f"{name}.{key}")
 
 
 # A boundary tensor is kept as a bare tuple, the cheapest thing a wrapper can append. Until the flush that reads it:
@@ -337,7 +339,7 @@ class Probes:
             if output.is_floating_point():
                 self._record(module, "output", output)
             return
-        for tensor_name, tensor in _floating_tensors(output, "output"):
+        for tensor_name, tensor in floating_tensors(output, "output"):
             self._record(module, tensor_name, tensor)
 
     def _running_module(self) -> str:
@@ -381,7 +383,7 @@ class Probes:
         if self.enabled:
             source = (self.boundary_names.get("", self.root_label), self.root_label, False)
             for name, value in outputs.items():
-                for tensor_name, tensor in _floating_tensors(value, name):
+                for tensor_name, tensor in floating_tensors(value, name):
                     self._record(source, tensor_name, tensor)
 
     def _root_inputs(self, args, kwargs) -> Iterator[tuple[str, torch.Tensor, bool]]:
@@ -395,7 +397,7 @@ class Probes:
                     yield name, value, True
                 elif value is not None and bare.get(key) is not value:
                     found = False
-                    for nested_name, tensor in _floating_tensors(value, name):
+                    for nested_name, tensor in floating_tensors(value, name):
                         found = True
                         yield nested_name, tensor, False
                     if not found and type(value) is tuple and all(type(item) is torch.Tensor for item in value):
