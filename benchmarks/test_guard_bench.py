@@ -176,7 +176,7 @@ class ProbedLoop:
         if self.scope == "read":
             self.host.stats_of(self._io_tensors(output))
         elif self.scope != "off":
-            self.probes._flush()  # the launch records() would make; the event goes after it, before the sync
+            self.probes.flush()  # the launch records() would make; the event goes after it, before the sync
         end.record()
         if self.scope == "read":
             self.host.take()

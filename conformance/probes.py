@@ -529,6 +529,12 @@ class Probes:
             setattr(owner, attr, original)
         self._restore.clear()
 
+    def flush(self) -> None:
+        """Queue the statistics read of everything recorded so far (one launch per device and dtype) without waiting
+        for it; ``records()`` does this itself. For a caller that wants the read queued at a point of its choosing,
+        before its own work on the stream (a CUDA event after it, in the benchmarks)."""
+        self._flush()
+
     def records(self) -> list[BoundaryRecord]:
         """The boundaries seen since the probes were entered, or since the last call, in firing order, with their
         statistics: the one host sync of a probed forward. Everything but the numbers is prepared while the

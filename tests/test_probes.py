@@ -296,3 +296,28 @@ def test_a_tensor_recorded_twice_is_read_once(monkeypatch):
     assert (linear.max_abs, linear.nonfinite) == (dropout.max_abs, dropout.nonfinite)
     # four boundaries, two reads: the input, and the linear's output (which is the dropout's and the block's too)
     assert len(records) == 4 and sum(read) == 2
+
+
+def test_flush_queues_the_read_and_records_are_unchanged(monkeypatch):
+    """flush() launches the read of what was recorded so far; records() then has nothing left to read, and returns
+    the same numbers as without it. Flushing with nothing recorded reads nothing."""
+    import conformance.probes as probes_module
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    read = []
+    real = probes_module.HostStats.stats_of
+    monkeypatch.setattr(probes_module.HostStats, "stats_of", lambda self, tensors: read.append(len(tensors)) or real(self, tensors))
+    x = torch.linspace(-3, 3, 8).reshape(2, 4)
+    with torch.no_grad(), Probes(module) as probes:
+        module(x)
+        plain = probes.records()
+        read.clear()
+        module(x)
+        probes.flush()
+        assert read, "flush() launched no read"
+        launched = list(read)
+        probes.flush()
+        assert read == launched  # nothing new recorded: nothing read again
+        flushed = probes.records()
+        assert read == launched
+    assert [r.as_dict() for r in flushed] == [r.as_dict() for r in plain]
