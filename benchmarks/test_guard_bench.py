@@ -33,7 +33,7 @@ from conformance.families import family_of
 from conformance.guards import GuardContext, GuardRun, get_policy, support_reason
 from conformance.precision import get_precision
 from conformance.kernels import HostStats
-from conformance.probes import Probes, floating_tensors
+from conformance.probes import Probes, floating_tensors, read_key
 from conformance.runner import Engine
 
 pytestmark = pytest.mark.bench
@@ -162,7 +162,7 @@ class ProbedLoop:
         found = {}
         for value, name in ((self.kwargs, "inputs"), (output, "outputs")):
             for _, tensor in floating_tensors(value, name):
-                found.setdefault((tensor.data_ptr(), tensor.dtype, tensor.shape), tensor)
+                found.setdefault(read_key(tensor), tensor)
         return list(found.values())
 
     def device_seconds(self) -> float:

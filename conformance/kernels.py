@@ -181,12 +181,8 @@ class HostStats:
         self._empty(abandoned=False)
         for stream in streams:
             stream.synchronize()
-        if len(views) == 1:
-            return views[0].tolist()
-        values: list[float] = []
-        for view in views:
-            values += view.tolist()
-        del retired
+        values = views[0].tolist() if len(views) == 1 else [value for view in views for value in view.tolist()]
+        del retired  # the abandoned chunks may go now that the device is past them
         return values
 
     def reset(self) -> None:
@@ -209,12 +205,11 @@ class HostStats:
         of the first one."""
         pinned = device.type == "cuda"
         if pinned:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            key = (index, torch._C._cuda_getCurrentRawStream(index))
+            key = _stream_key(device)
             if key not in self._streams:  # a Stream object costs tens of microseconds to make on a slow host: kept
                 stream = _STREAMS.get(key)
                 if stream is None:
-                    stream = _STREAMS[key] = torch.cuda.current_stream(index)
+                    stream = _STREAMS[key] = torch.cuda.current_stream(key[0])
                 self._streams[key] = stream
         chunk = self._chunks[-1] if self._chunks else None
         if chunk is None or chunk.used + n > chunk.memory.numel() or (pinned and not chunk.pinned):
@@ -484,11 +479,7 @@ _SCRATCH_LOCK = threading.Lock()
 
 
 def _scratch(device: torch.device, tensors: int, programs: int) -> _Scratch:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, torch._C._cuda_getCurrentRawStream(index))
-    else:  # the interpreter runs each launch to its end before returning
-        key = (-1, 0)
+    key = _stream_key(device)  # off CUDA one key: the interpreter runs each launch to its end before returning
     scratch = _SCRATCH.get(key)
     if scratch is None or scratch.capacity < tensors or scratch.programs < programs:
         with _SCRATCH_LOCK:
@@ -540,7 +531,7 @@ class _Launcher:
     def __call__(self, grid: int, device: torch.device, addresses: tuple[int, ...], tensors, integers: tuple[int, ...], constexprs: dict) -> None:
         """``tensors`` makes the tensor arguments (views) for triton's own launch; ``addresses`` are their addresses.
         ``constexprs`` (values hashable, in the kernel's order) hold the dtype's facts, so they key the dtype too."""
-        index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else -1
+        index = _device_index(device)
         key = (index, id(constexprs), *[a % 16 == 0 for a in addresses], *[-(2**31) <= i < 2**31 for i in integers])
         compiled = self.compiled.get(key)
         if compiled is not None and _no_launch_hooks():
@@ -604,10 +595,23 @@ def _on_device(device: torch.device):
 _NO_CONTEXT = contextlib.nullcontext()
 
 
+def _device_index(device: torch.device) -> int:
+    """A CUDA device's index (the current device for a bare ``cuda``); -1 off CUDA."""
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _stream_key(device: torch.device) -> tuple[int, int]:
+    """(device index, current raw stream) on CUDA, what per-stream state is kept under; (-1, 0) elsewhere."""
+    index = _device_index(device)
+    return (index, torch._C._cuda_getCurrentRawStream(index)) if index >= 0 else (-1, 0)
+
+
 def _max_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
-    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) * PROGRAMS_PER_SM
+    return _multiprocessors(_device_index(device)) * PROGRAMS_PER_SM
 
 
 @functools.cache

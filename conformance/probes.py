@@ -161,6 +161,14 @@ def floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from floating_tensors(item, f"{name}.{key}")
 
 
+def read_key(tensor: torch.Tensor) -> tuple:
+    """What makes two tensors one read: the same elements of the same memory in the same dtype (a dropout in eval or
+    an identity returns its input)."""
+    if tensor.is_contiguous():
+        return tensor.data_ptr(), tensor.numel(), tensor.dtype
+    return tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride()
+
+
 # A boundary tensor is kept as a bare tuple, the cheapest thing a wrapper can append. Until the flush that reads it:
 #   (source, tensor name, tensor, version counter at the boundary)
 # and from then on (the tensor itself is no longer held):
@@ -302,7 +310,7 @@ class Probes:
         for i in range(start, end):
             if len(pending[i]) == _SEEN:
                 tensor = pending[i][2]
-                key = (tensor.data_ptr(), tensor.numel(), tensor.dtype) if tensor.is_contiguous() else (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+                key = read_key(tensor)
                 index = unique.get(key)
                 if index is None:
                     index = unique[key] = len(tensors)
@@ -376,7 +384,7 @@ class Probes:
         ``decode``); the root's wrapper then records nothing more."""
         if self.enabled:
             self._inputs_recorded = True
-            self._record_root_inputs(self.root, (), kwargs, explicit=True)
+            self._record_root_inputs((), kwargs, explicit=True)
 
     def record_outputs(self, outputs: Mapping[str, object]) -> None:
         """The call's outputs, as the root's wrapper would record them (for a call that bypasses ``forward``)."""
@@ -405,7 +413,7 @@ class Probes:
                         # identity next time, as the same tuple cannot hold other tensors nor its tensors change dtype
                         bare[key] = value
 
-    def _record_root_inputs(self, _module, args, kwargs, explicit: bool = False):
+    def _record_root_inputs(self, args, kwargs, explicit: bool = False):
         if self._inputs_recorded and not explicit:
             return
         named, flat = [], all(type(a) is torch.Tensor for a in args)
@@ -498,7 +506,7 @@ class Probes:
                         [v._version for v in kwargs.values() if type(v) is tensor_type],
                     )  # fmt: skip
                 else:
-                    state._record_root_inputs(module, args, kwargs)
+                    state._record_root_inputs(args, kwargs)
             if probes is not None:
                 state._record_declared_inputs(module, args)
             output = forward(*args, **kwargs)
