@@ -222,10 +222,14 @@ class ConformanceSession:
     @property
     def engine(self):
         if self._engine is None:
-            from .expectations import load_expected_failures, load_ratchet
+            from .expectations import ExpectationsError, load_expected_failures, load_ratchet
             from .goldens import GoldenStore
             from .runner import Engine, EngineOptions
 
+            try:
+                declared = load_expected_failures(EXPECTED_FAILURES_FILE)
+            except ExpectationsError as error:
+                pytest.exit(f"conformance: {error}", returncode=pytest.ExitCode.USAGE_ERROR)
             self._engine = Engine(
                 self.subject,
                 EngineOptions(
@@ -234,7 +238,7 @@ class ConformanceSession:
                     local_store=GoldenStore(self.golden_store, "local"),
                     update_goldens=self.opt("--update-goldens"),
                     ratchet=load_ratchet(self.opt("--expectations")),
-                    expected_failures=load_expected_failures(EXPECTED_FAILURES_FILE),
+                    expected_failures=declared,
                     progress=self.progress,
                     golden_command=self.golden_command,
                     outputs_dir=self.report_dir / "outputs" if self.opt("--save-outputs") else None,
@@ -285,6 +289,8 @@ class ConformanceSession:
             },
             "golden_stores": {"committed": str(self.golden_dir), "local": str(self.golden_store)},
             "golden_changes": changes,
+            "golden_identity": self._engine.identity() if self._engine else None,
+            "golden_seconds": round(self._engine.golden_seconds, 2) if self._engine else 0.0,
             "report_dir": str(self.report_dir),
         }
 

@@ -11,6 +11,8 @@ from xml.etree import ElementTree as ET
 
 import torch
 
+from .machine import cpu_path
+
 from .atomic import write_text
 from .results import CaseResult
 
@@ -26,6 +28,7 @@ def environment() -> dict:
         "gpu": gpu,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "machine": cpu_path(),
     }
 
 

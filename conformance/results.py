@@ -29,6 +29,10 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     boundaries: list[dict] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)
+    # The failures as data: [{"kind", "message", "at", "metric", "value"}] (compare.Failure), what the gate compares.
+    failure_kinds: list[dict] = field(default_factory=list)
+    expected_failure: dict | None = None  # the declaration that matched this case, if any
+    inputs: dict | None = None  # {"sha256" of the stored inputs the case ran on, "outlier_channels", "file" if saved}
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -57,6 +61,9 @@ class CaseResult:
                 "forward_seconds": None if self.forward_seconds is None else round(self.forward_seconds, 4),
                 "budget": self.budget,
                 "failures": self.failures,
+                "failure_kinds": self.failure_kinds,
+                "expected_failure": self.expected_failure,
+                "inputs": self.inputs,
                 "notes": self.notes,
                 "sizes": self.sizes,
                 "boundaries": self.boundaries,

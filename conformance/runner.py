@@ -24,7 +24,19 @@ from .expectations import ExpectedFailure, expected_failure_for
 from .families import component_module, family_of, family_precision, get_family, is_vae, profile_family
 from .guards import GuardContext, GuardRun, get_policy
 from .families.common import apply_weight_stress, synthetic_weights
-from .goldens import Golden, GoldenChange, GoldenError, GoldenKey, GoldenMissing, GoldenStore, input_fingerprint, tensor_digest
+from .goldens import (
+    Golden,
+    GoldenChange,
+    GoldenConflict,
+    GoldenError,
+    GoldenKey,
+    GoldenMissing,
+    GoldenStore,
+    outputs_agree,
+    tensor_digest,
+)
+from .inputs import InputCheck, compare_inputs
+from .machine import cpu_path
 from .precision import Precision, get_precision
 from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
 from .profiles import load_profiles
@@ -83,6 +95,9 @@ class Engine:
         self._goldens = _LRU(8)
         self._reference: dict[tuple, dict | None] = {}
         self._partner: Subject | None = None
+        self._identity: dict | None = None
+        self._input_checks: dict[str, InputCheck] = {}
+        self.golden_seconds = 0.0  # float64 forwards spent creating or confirming goldens
 
     # -- shared fixtures -----------------------------------------------------------------------------------------
     def store_for(self, key: GoldenKey) -> GoldenStore:
@@ -120,44 +135,138 @@ class Engine:
             self._inputs.put(key, built)
         return self._inputs[key]
 
+    def identity(self) -> dict:
+        """Which identity this run's goldens are keyed by, and how it was found (recorded in the run's report).
+
+        The subject's own identity (version + commit, or version + source hash) where a store holds goldens of it;
+        else the identity under which a store holds goldens of the same version and the same sources (a plain copy of
+        a release finds the goldens made from its git checkout); else the subject's own, whose goldens are then
+        created on demand."""
+        if self._identity is None:
+            info = self.subject.info()
+            natural = {"identity": info.identity, "natural": info.identity, "from": info.identity_source, "source_hash": info.source_hash}
+            stores = (self.options.committed_store, self.options.local_store)
+            resolved = natural
+            if not self.options.update_goldens and not any(s.has_identity(self.subject.name, info.identity) for s in stores):
+                for store in stores:
+                    match = store.identity_with_sources(self.subject.name, info.version, info.source_hash)
+                    if match:
+                        resolved = {**natural, "identity": match, "from": f"source hash matches the goldens of {match} in the {store.label} store"}
+                        break
+            self._identity = resolved
+        return self._identity
+
+    def golden_key(self, component: str, scale: str, profile: str) -> GoldenKey:
+        return GoldenKey(self.subject.name, self.identity()["identity"], component, scale, profile)
+
     def golden(self, component: str, scale: str, profile: str) -> Golden:
-        key = GoldenKey(self.subject.name, self.subject.info().identity, component, scale, profile)
+        """The golden of a component: loaded, or created once under the store's per-golden lock. A golden that
+        appeared while this process waited for the lock is checked, never replaced: its outputs are recomputed from
+        its stored inputs and must agree (``outputs_agree``), else ``GoldenConflict``."""
+        key = self.golden_key(component, scale, profile)
         if key.id in self._goldens:
             return self._goldens[key.id]
         store = self.store_for(key)
-        weights = self.weights(component, scale, profile)
-        inputs = self.inputs(component, scale, profile)
-        weights_sha = tensor_digest(weights)
+        weights_sha = tensor_digest(self.weights(component, scale, profile))
         command = self.options.golden_command(key)
-        try:
-            if not self.options.update_goldens:
-                return self._goldens.put(key.id, store.load(key, inputs.kwargs, weights_sha, command))
-        except GoldenMissing:
-            if store is not self.options.local_store:
-                raise
-        golden = self._make_golden(key, store, inputs, weights_sha, command)
+        if not self.options.update_goldens:
+            try:
+                return self._goldens.put(key.id, store.load(key, weights_sha, command))
+            except GoldenMissing:
+                if store is not self.options.local_store:
+                    raise
+        with store.creating(key):
+            try:
+                existing = store.load(key, weights_sha, command)
+            except GoldenMissing:
+                existing = None
+            except GoldenError:
+                if not self.options.update_goldens:
+                    raise
+                existing = None
+            if existing is not None and not self.options.update_goldens:
+                self._confirm(existing, weights_sha)  # another process created it while this one waited
+                return self._goldens.put(key.id, existing)
+            golden = self._make_golden(key, store, existing, weights_sha, command)
         return self._goldens.put(key.id, golden)
 
-    def _make_golden(self, key: GoldenKey, store: GoldenStore, inputs: ComponentInputs, weights_sha: str, command: str) -> Golden:
+    def _golden_outputs(self, key: GoldenKey, inputs: ComponentInputs) -> dict[str, torch.Tensor]:
         backend = self.subject.golden_backend_for(key.component)
         self.options.progress(f"computing golden {key.id} in float64 on CPU ({backend} attention)")
+        start = time.perf_counter()
         run = self.forward(key.component, key.scale, None, backend, inputs, device=torch.device("cpu"), probes=False)
+        self.golden_seconds += time.perf_counter() - start
+        return run.outputs
+
+    def _confirm(self, golden: Golden, weights_sha: str) -> None:
+        outputs = self._golden_outputs(golden.key, self._stored_inputs(golden))
+        agree, ulps = outputs_agree(golden.outputs, outputs)
+        if not agree:
+            raise GoldenConflict(
+                f"golden {golden.key.id} was created by another process while this one waited, and this process "
+                f"computes different outputs from the same stored inputs (worst, in float32 ulps: "
+                f"{ {k: round(v, 1) for k, v in ulps.items()} }; made on {golden.entry.get('machine')}, here "
+                f"{cpu_path()}): the two are not the same code or not the same float64 computation. Nothing was replaced."
+            )
+        self.golden_changes.append(GoldenChange(golden.key, golden.path, "confirmed", golden.sha256, golden.sha256, note="created by another process; recomputed here and equal within float64 noise"))
+
+    def _make_golden(self, key: GoldenKey, store: GoldenStore, existing: Golden | None, weights_sha: str, command: str) -> Golden:
+        built = self.inputs(key.component, key.scale, key.profile)
+        inputs = built
+        if existing is not None and not compare_inputs(existing.inputs.kwargs, built.kwargs, existing.inputs.outlier_channels).beyond_noise():
+            # --update-goldens where the subject still builds the same inputs (within embedder noise): keep them, so
+            # the golden's file only changes when its outputs do.
+            inputs = self._stored_inputs(existing)
+        elif existing is None:
+            inputs = self._shared_inputs(key, built, weights_sha) or built
+        outputs = self._golden_outputs(key, inputs)
+        if existing is not None and inputs is not built and outputs_agree(existing.outputs, outputs)[0]:
+            change = GoldenChange(key, existing.path, "unchanged", existing.sha256, existing.sha256, note="same inputs, outputs equal within float64 noise")
+            self.golden_changes.append(change)
+            self.options.progress(change.describe())
+            return existing
         info = self.subject.info()
         meta = {
             "subject": {k: v for k, v in info.as_dict().items() if k != "path"},
             "torch": torch.__version__,
+            "machine": cpu_path(),
             "seed": self.options.seed,
             "computed_in": "float64 on CPU",
             "stored_as": "float32",
-            "backend": backend,
-            "inputs_sha256": tensor_digest(inputs.kwargs),
-            "inputs_fingerprint": input_fingerprint(inputs.kwargs),
+            "backend": self.subject.golden_backend_for(key.component),
             "weights_sha256": weights_sha,
         }
-        change = store.write(key, run.outputs, meta)
+        change = store.write(key, outputs, inputs.kwargs, inputs.sizes, inputs.outlier_channels, meta, replace=self.options.update_goldens)
         self.golden_changes.append(change)
         self.options.progress(change.describe())
-        return store.load(key, inputs.kwargs, weights_sha, command)
+        return store.load(key, weights_sha, command)
+
+    def _shared_inputs(self, key: GoldenKey, built: ComponentInputs, weights_sha: str) -> ComponentInputs | None:
+        """The stored inputs of the same component at another identity, when the subject builds the same inputs
+        within embedder noise: a new golden then shares them bit for bit, so the gate compares two identities' outputs
+        on identical inputs (their inputs differ only where the subject builds them differently)."""
+        for store in (self.options.committed_store, self.options.local_store):
+            for sibling in store.siblings(key):
+                try:
+                    other = store.load(sibling, weights_sha, "")
+                except GoldenError:
+                    continue
+                if not compare_inputs(other.inputs.kwargs, built.kwargs, other.inputs.outlier_channels).beyond_noise():
+                    self.options.progress(f"{key.id}: the subject builds the inputs of {sibling.id} (within embedder noise); sharing them")
+                    return self._stored_inputs(other)
+        return None
+
+    def _stored_inputs(self, golden: Golden) -> ComponentInputs:
+        """A golden's stored inputs, as the component inputs every case of it runs on."""
+        stored = golden.inputs
+        return ComponentInputs(kwargs=stored.kwargs, sizes=dict(stored.sizes), profile=golden.key.profile, outlier_channels=stored.outlier_channels)
+
+    def input_check(self, golden: Golden) -> InputCheck:
+        """The inputs the subject builds on this machine against the golden's stored ones (cached per golden)."""
+        if golden.key.id not in self._input_checks:
+            built = self.inputs(golden.key.component, golden.key.scale, golden.key.profile)
+            self._input_checks[golden.key.id] = compare_inputs(golden.inputs.kwargs, built.kwargs, golden.inputs.outlier_channels)
+        return self._input_checks[golden.key.id]
 
     # -- one forward ---------------------------------------------------------------------------------------------
     def forward(
@@ -288,7 +397,7 @@ class Engine:
             else:
                 run = self.forward(
                     case.component, case.scale, family_precision(case.precision, case.family), ref,
-                    self.inputs(case.component, case.scale, case.profile), probes=False, guard=case.guard,
+                    self._stored_inputs(golden), probes=False, guard=case.guard,
                 )  # fmt: skip
                 self._reference[key] = {"backend": ref, "metrics": compare.worst(self._compare(case, golden, run.outputs))}
         return self._reference[key]
@@ -302,6 +411,24 @@ class Engine:
         path = self.options.outputs_dir / f"{case.id}.safetensors"
         save_file({name: t.detach().to("cpu", torch.float32).contiguous() for name, t in outputs.items()}, str(path))
         return path
+
+    def _save_inputs(self, golden: Golden) -> str | None:
+        """With --save-outputs, the stored inputs the cases ran on, once per set of inputs (the gate compares the two
+        sides' inputs where they differ)."""
+        if self.options.outputs_dir is None:
+            return None
+        from .inputs import pack
+
+        path = self.options.outputs_dir / "inputs" / f"{golden.inputs.sha256}.safetensors"
+        if not path.exists():
+            from safetensors.torch import save_file
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors, _ = pack(golden.inputs.kwargs)
+            tmp = path.with_suffix(".tmp")
+            save_file(tensors, str(tmp))
+            tmp.replace(path)
+        return str(path.relative_to(self.options.outputs_dir))
 
     def partner(self) -> Subject:
         if self._partner is None:
@@ -340,7 +467,8 @@ class Engine:
             backend_calls={**ours.calls.as_dict(), **{f"{partner.name}/{k}": v for k, v in theirs.calls.as_dict().items()}},
             seconds=time.perf_counter() - start,
             forward_seconds=ours.seconds,
-            failures=verdict.failures,
+            failures=verdict.messages,
+            failure_kinds=[f.as_dict() for f in verdict.failures],
             notes=[
                 f"{self.subject.name} ({self.subject.reference_backend}) against {partner.name} {partner_info.version} "
                 f"({partner.reference_backend}), same weights and inputs, fp32",
@@ -357,18 +485,20 @@ class Engine:
         precision = family_precision(case.precision, case.family)
         vae = is_vae(case.component)
         budget = compare.budget_for(case.precision, kind="vae" if vae else None)
-        declared = expected_failure_for(case, self.options.expected_failures)
+        declared = expected_failure_for(case, self.options.expected_failures, self.subject.info().version)
         try:
             golden = self.golden(case.component, case.scale, case.profile)
         except GoldenError as error:
             return CaseResult(case, "failed", reason=str(error), failures=[str(error)], seconds=time.perf_counter() - start)
-        inputs = self.inputs(case.component, case.scale, case.profile)
+        inputs = self._stored_inputs(golden)
+        input_check = self.input_check(golden)
         paths = self.subject.backend_paths(case.component, case.backend)
         run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0], tiled=vae, guard=case.guard)
         path_failures, path_notes = self._other_paths_agree(case, precision, inputs, run.outputs)
         per_output = self._compare(case, golden, run.outputs)
         case_metrics = compare.worst(per_output)
         outputs_file = self._save_outputs(case, run.outputs)
+        inputs_file = self._save_inputs(golden)
         if case.backend == self.subject.reference_backend:
             reference = None
             self._reference[(case.component, case.scale, case.precision, case.profile, case.guard)] = {
@@ -402,16 +532,11 @@ class Engine:
             masked_by_guard=bool(nonfinite and not output_nonfinite and (run.guard_note or run.guard)),
             guard=case.guard,
             consistency_failures=tuple(path_failures),
+            input_failure=input_check.failure(),
             save_stage=save.as_dict() if save else None,
             tiled=tiled,
         )
-        verdict = compare.judge(
-            evidence,
-            budget,
-            declared.reason if declared else None,
-            declared.strict if declared else True,
-            declared.first_nonfinite_at if declared else None,
-        )
+        verdict = compare.judge(evidence, budget, declared)
         notes = list(run.notes) + path_notes + verdict.notes
         if run.guard_note:
             notes.append(f"subject guard: {run.guard_note}")
@@ -433,7 +558,14 @@ class Engine:
             if tiled["metrics"]:
                 notes.append(f"tiled decode vs full decode: rel_l2 {tiled['metrics']['rel_l2']:.3g} (budget {tiled['budget']:.3g})")
         golden_report = golden.as_report()
-        golden_report["created_this_run"] = any(c.key == golden.key and c.action != "unchanged" for c in self.golden_changes)
+        golden_report["inputs_check"] = input_check.as_dict()
+        if not input_check.identical:
+            worst_input = input_check.worst()
+            notes.append(
+                f"inputs built here differ from the golden's stored ones by rel-L2 {_fmt(worst_input['rel_l2'])} at "
+                f"{worst_input.get('rel_l2_at')} (the case ran on the stored inputs)"
+            )
+        golden_report["created_this_run"] = any(c.key == golden.key and c.action in ("created", "updated") for c in self.golden_changes)
         return CaseResult(
             case,
             verdict.outcome,
@@ -448,7 +580,10 @@ class Engine:
             seconds=time.perf_counter() - start,
             forward_seconds=run.seconds,
             budget={k: v for k, v in asdict(budget).items() if k != "provenance"},
-            failures=verdict.failures,
+            failures=verdict.messages,
+            failure_kinds=[f.as_dict() for f in verdict.failures],
+            expected_failure=declared.as_dict() if declared else None,
+            inputs={"sha256": golden.inputs.sha256, "outlier_channels": golden.inputs.outlier_channels, "file": inputs_file},
             notes=notes,
             boundaries=[r.as_dict() for r in run.records],
             sizes=dict(inputs.sizes),
@@ -466,6 +601,10 @@ def _input_differences(ours: Mapping[str, object], theirs: Mapping[str, object])
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and x.is_floating_point():
             out[name] = compare.metrics(y, x)["rel_l2"]
     return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def _numel(shape) -> int:

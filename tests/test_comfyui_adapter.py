@@ -39,24 +39,29 @@ def test_git_state_counts_only_python_changes(tmp_path):
 
     assert git_state(tmp_path) == (None, None, None)
     git("init", "-q")
-    (tmp_path / "model.py").write_text("x = 1\n")
+    (tmp_path / "comfy").mkdir()
+    (tmp_path / "comfy" / "model.py").write_text("x = 1\n")
+    (tmp_path / "main.py").write_text("x = 1\n")
     (tmp_path / "tokenizer.json").write_text("{}\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    commit, dirty, source_hash = git_state(tmp_path)
-    assert len(commit) == 40 and dirty is False and source_hash is None
+    commit, dirty, diff_hash = git_state(tmp_path)
+    assert len(commit) == 40 and dirty is False and diff_hash is None
     (tmp_path / "tokenizer.json").unlink()  # a missing data file does not change what the blocks compute
+    (tmp_path / "main.py").write_text("x = 2\n")  # nor a file outside comfy/, comfy_extras/
     assert git_state(tmp_path)[1] is False
-    (tmp_path / "model.py").write_text("x = 2\n")
-    _, dirty, source_hash = git_state(tmp_path)
-    assert dirty is True and len(source_hash) == 64
+    (tmp_path / "comfy" / "model.py").write_text("x = 2\n")
+    _, dirty, diff_hash = git_state(tmp_path)
+    assert dirty is True and len(diff_hash) == 64
 
 
 def test_identity_names_version_commit_and_local_changes():
     assert SubjectInfo("diffusers", "0.42.1").identity == "0.42.1"
+    assert SubjectInfo("diffusers", "0.42.1", source_hash="9e12e5df58aa").identity == "0.42.1+s9e12e5df58"
     assert SubjectInfo("comfyui", "0.3.64", commit="637221995f7424a5").identity == "0.3.64+g637221995f"
-    dirty = SubjectInfo("comfyui", "0.3.64", commit="637221995f7424a5", dirty=True, source_hash="abcdef0123")
+    dirty = SubjectInfo("comfyui", "0.3.64", commit="637221995f7424a5", dirty=True, diff_hash="abcdef0123", source_hash="ff")
     assert dirty.identity == "0.3.64+g637221995f-dirtyabcdef01"
+    assert SubjectInfo("comfyui", "0.3.64", source_hash="feee4e9cd2f5").identity_source == "source hash"
 
 
 def test_rope_conversion_from_comfyui_matrices_to_diffusers_complex():
@@ -129,7 +134,7 @@ def test_committed_expected_failures_load_and_carry_their_provenance():
     declared = load_expected_failures(EXPECTED_FAILURES_FILE)
     assert declared, "the file declares the measured sage failures"
     for entry in declared:
-        assert entry.reason and entry.provenance
+        assert entry.reason and entry.measured and entry.kinds and entry.versions
 
 
 def test_expected_failure_matching(tmp_path):
@@ -137,10 +142,14 @@ def test_expected_failure_matching(tmp_path):
     from conformance.expectations import expected_failure_for, load_expected_failures
 
     path = tmp_path / "x.toml"
-    path.write_text('[[expected]]\nbackend = "sage"\nprecision = ["bf16", "fp16"]\nreason = "r"\nprovenance = "p"\n')
+    path.write_text(
+        '[[expected]]\nbackend = "sage"\nprecision = ["bf16", "fp16"]\nversions = { comfyui = ">=0.3.50" }\n'
+        'kind = "budget"\nceiling = { rel_l2 = 0.1 }\nreason = "r"\nmeasured = "p"\n'
+    )
     declared = load_expected_failures(path)
     assert expected_failure_for(Case("comfyui", "qwen", "qwen.block", "tiny", "fp16", "sage", "nominal"), declared)
     assert not expected_failure_for(Case("comfyui", "qwen", "qwen.block", "tiny", "fp32", "sage", "nominal"), declared)
+    assert not expected_failure_for(Case("diffusers", "qwen", "qwen.block", "tiny", "fp16", "sage", "nominal"), declared)
     path.write_text('[[expected]]\nbackend = "sage"\nreason = "r"\n')
-    with pytest.raises(ValueError, match="reason and a provenance"):
+    with pytest.raises(ValueError, match="needs `kind`"):
         load_expected_failures(path)

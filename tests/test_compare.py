@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from conformance.case import Case
 from conformance.compare import Budget, Evidence, budget_for, judge, load_budgets, metrics, worst
+from conformance.expectations import ExpectationsError, parse_entry
 
-BUDGET = Budget("fp16", rel_l2=2e-3, max_abs_rel=1e-2, cosine=0.99999, backend_k=3.0, ratchet_margin=0.1, provenance="test")
+BUDGET = Budget("fp16", rel_l2=2e-3, max_abs_rel=1e-2, backend_k=3.0, ratchet_margin=0.1, provenance="test")
 GOOD = {"rel_l2": 4e-4, "max_abs": 1e-3, "max_abs_rel": 1e-3, "cosine": 0.9999999, "sqnr_db": 68.0}
 
 
@@ -46,13 +48,24 @@ def test_worst_takes_the_worst_of_each_metric():
     assert (w["rel_l2"], w["cosine"], w["sqnr_db"]) == (1e-3, 0.9, 10.0)
 
 
+def test_cosine_cannot_fail_before_rel_l2_so_it_is_not_judged():
+    """cos(a, g) >= sqrt(1 - rel_l2^2): any cosine bound is implied by the rel-L2 budget (or never fires)."""
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e-6, 1e-3, 1e-1, 0.5):
+        g = torch.randn(4096, generator=gen, dtype=torch.float64)
+        a = g + scale * torch.randn(4096, generator=gen, dtype=torch.float64) * g.norm() / 64
+        m = metrics(g, a)
+        assert m["cosine"] >= math.sqrt(max(0.0, 1 - m["rel_l2"] ** 2)) - 1e-12
+    assert "cosine" not in Budget.__dataclass_fields__
+
+
 def test_good_case_passes():
     assert judge(evidence(), BUDGET).outcome == "passed"
 
 
 @pytest.mark.parametrize(
     "metric, value, text",
-    [("rel_l2", 3e-3, "rel_l2"), ("max_abs_rel", 0.02, "max_abs_rel"), ("cosine", 0.9999, "cosine")],
+    [("rel_l2", 3e-3, "rel_l2"), ("max_abs_rel", 0.02, "max_abs_rel")],
 )
 def test_budget_rule(metric, value, text):
     verdict = judge(evidence(metrics={**GOOD, metric: value}), BUDGET)
@@ -103,11 +116,65 @@ def test_fallback_fails():
     assert verdict.outcome == "failed" and "silent fallback" in verdict.reason
 
 
-def test_expected_failure_is_xfailed_and_strict():
-    first = {"boundary": "b", "module": "m", "tensor": "t", "count": 1}
-    assert judge(evidence(first_nonfinite=first, output_nonfinite=1), BUDGET, expected_failure="known").outcome == "xfailed"
-    verdict = judge(evidence(), BUDGET, expected_failure="known")
+def declared(**over):
+    raw = {"kind": "born", "versions": {"diffusers": ">=0.40"}, "measured": "test", "reason": "known", **over}
+    return parse_entry(raw, 0, "test.toml")
+
+
+BORN_AT_TO_Q = {"boundary": "b", "module": "attn.to_q", "tensor": "out", "count": 1}
+ENTERED = {"boundary": "b", "module": "input", "tensor": "hidden_states", "count": 4}
+
+
+def test_expected_failure_is_xfailed_only_when_it_fails_as_declared():
+    at_input = declared(kind="entered", at="input")
+    assert judge(evidence(first_nonfinite=ENTERED, output_nonfinite=4, metrics={k: math.nan for k in GOOD}), BUDGET, at_input).outcome == "xfailed"
+    # the same NaN, now born inside attn.to_q: the declaration no longer holds
+    moved = judge(evidence(first_nonfinite=BORN_AT_TO_Q, output_nonfinite=4, metrics={k: math.nan for k in GOOD}), BUDGET, at_input)
+    assert moved.outcome == "failed" and "expected failure changed: a born failure" in moved.reason
+    verdict = judge(evidence(), BUDGET, at_input)
     assert verdict.outcome == "failed" and "but passed" in verdict.reason
+
+
+def test_expected_failure_at_another_module_is_a_change():
+    at_out = declared(kind="born", at="attn.to_out.0")
+    verdict = judge(evidence(first_nonfinite=BORN_AT_TO_Q, output_nonfinite=1, metrics={k: math.nan for k in GOOD}), BUDGET, at_out)
+    assert verdict.outcome == "failed" and "born at attn.to_q, declared at attn.to_out.0" in verdict.reason
+
+
+def test_expected_budget_failure_has_a_ceiling():
+    over = declared(kind="budget", ceiling={"rel_l2": 5e-3})
+    assert judge(evidence(metrics={**GOOD, "rel_l2": 4e-3}), BUDGET, over).outcome == "xfailed"
+    ten_times = judge(evidence(metrics={**GOOD, "rel_l2": 4e-2}), BUDGET, over)
+    assert ten_times.outcome == "failed" and "rel_l2 0.04 above the declared ceiling 0.005" in ten_times.reason
+    with pytest.raises(ExpectationsError, match="needs a measured `ceiling`"):
+        declared(kind="budget")
+
+
+def test_a_fallback_or_a_missing_backend_call_is_never_expected():
+    over = declared(kind="budget", ceiling={"rel_l2": 5e-3})
+    fell_back = judge(evidence(metrics={**GOOD, "rel_l2": 4e-3}, fallbacks=("sage failed, using pytorch attention",)), BUDGET, over)
+    assert fell_back.outcome == "failed" and "expected failure changed: a fallback failure" in fell_back.reason
+    never_ran = judge(evidence(metrics={**GOOD, "rel_l2": 4e-3}, backend_calls={}), BUDGET, over)
+    assert never_ran.outcome == "failed" and "a backend failure" in never_ran.reason
+    with pytest.raises(ExpectationsError, match="cannot be declared"):
+        declared(kind="fallback")
+
+
+def test_declarations_cover_the_versions_they_name():
+    d = declared(versions={"comfyui": ">=0.3.50,<=0.3.64"}, subject="comfyui")
+    case = Case("comfyui", "qwen", "qwen.block", "tiny", "fp16", "sdpa", "nominal", "none")
+    assert d.matches(case, "0.3.64") and d.matches(case, "0.3.50")
+    assert not d.matches(case, "0.3.65") and not d.matches(case, "0.3.49")
+    with pytest.raises(ExpectationsError, match="`versions` does not name"):
+        declared(subject="comfyui")
+    with pytest.raises(ExpectationsError, match="needs `versions`"):
+        parse_entry({"kind": "born", "measured": "m", "reason": "r"}, 0, "t.toml")
+
+
+def test_the_inputs_rule_is_never_expected():
+    over = declared(kind="budget", ceiling={"rel_l2": 5e-3})
+    verdict = judge(evidence(metrics={**GOOD, "rel_l2": 4e-3}, input_failure="the subject builds its inputs differently: temb by 1e-2"), BUDGET, over)
+    assert verdict.outcome == "failed" and "builds its inputs differently" in verdict.reason
 
 
 def test_budget_file_covers_every_precision():
@@ -120,6 +187,6 @@ def test_budget_file_covers_every_precision():
     assert budget_for("fp32").rel_l2 < budget_for("fp16").rel_l2 < budget_for("bf16").rel_l2 < budget_for("fp8_e4m3").rel_l2
 
 
-def test_non_strict_expected_failure_may_pass():
-    verdict = judge(evidence(), BUDGET, expected_failure="borderline on some GPUs", strict=False)
-    assert verdict.outcome == "passed" and "non-strict" in verdict.notes[-1]
+def test_non_strict_expected_failure_may_pass_and_is_stale():
+    verdict = judge(evidence(), BUDGET, declared(strict=False))
+    assert verdict.outcome == "passed" and "stale expected failure" in verdict.notes[-1]

@@ -89,6 +89,15 @@ def apply_outliers(kwargs: dict, outliers, streams: Mapping[str, tuple[str, slic
     return out
 
 
+def outlier_channels(outliers, streams: Mapping[str, tuple[str, slice | None]]) -> dict[str, list[int]]:
+    """The channels ``apply_outliers`` holds at fixed values, by the keyword of the tensor holding them."""
+    out: dict[str, set[int]] = {}
+    for group in outliers:
+        key, _tokens = streams[group.stream]
+        out.setdefault(key, set()).update(group.channels)
+    return {key: sorted(channels) for key, channels in out.items()}
+
+
 def scale_modulation(kwargs: dict, key: str, scale: float) -> dict:
     """Multiply the block's conditioning vector (the input every modulation linear reads) by ``scale``."""
     if scale == 1.0:

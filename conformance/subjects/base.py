@@ -27,22 +27,36 @@ from ..profiles import Profile
 
 @dataclass(frozen=True)
 class SubjectInfo:
+    """What an implementation under test is. Its ``identity`` keys its goldens: version + git commit where the tree
+    is a git checkout (+ a hash of the local changes, when there are any), else version + a hash of its sources
+    (``sources.source_hash``). ``source_hash`` is always the content hash, so goldens made from a git checkout are
+    found by a plain copy of the same tree (``GoldenStore.identity_with_sources``)."""
+
     name: str
     version: str
     commit: str | None = None
     path: str | None = None
-    dirty: bool | None = None  # the checkout's Python sources differ from its commit
-    source_hash: str | None = None  # of those differences, when dirty
+    dirty: bool | None = None  # the checkout's sources differ from its commit
+    diff_hash: str | None = None  # of those differences, when dirty
+    source_hash: str | None = None  # of the sources themselves (sources.source_hash)
 
     @property
     def identity(self) -> str:
-        """What goldens are keyed by: the version, the commit when known, the local changes when any."""
-        ident = self.version
+        """What goldens are keyed by, unless a store already holds goldens of the same sources under another name."""
         if self.commit:
-            ident += f"+g{self.commit[:10]}"
-        if self.dirty:
-            ident += f"-dirty{(self.source_hash or '')[:8]}"
-        return ident
+            ident = f"{self.version}+g{self.commit[:10]}"
+            if self.dirty:
+                ident += f"-dirty{(self.diff_hash or '')[:8]}"
+            return ident
+        if self.source_hash:
+            return f"{self.version}+s{self.source_hash[:10]}"
+        return self.version
+
+    @property
+    def identity_source(self) -> str:
+        if self.commit:
+            return "git commit" + (" with local changes" if self.dirty else "")
+        return "source hash" if self.source_hash else "version only"
 
     def as_dict(self) -> dict:
         return {
@@ -51,7 +65,9 @@ class SubjectInfo:
             "commit": self.commit,
             "path": self.path,
             "dirty": self.dirty,
+            "source_hash": self.source_hash,
             "identity": self.identity,
+            "identity_source": self.identity_source,
         }
 
 
@@ -62,6 +78,8 @@ class ComponentInputs:
     kwargs: dict[str, object]
     sizes: dict[str, int] = field(default_factory=dict)
     profile: str | None = None  # whose weight stresses the component is built with (set by the engine)
+    # Channels the profile holds at massive values, by keyword: compared apart from the rest (``conformance.inputs``).
+    outlier_channels: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

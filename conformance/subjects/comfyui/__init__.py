@@ -48,6 +48,7 @@ class ComfyUISubject(Subject):
             commit=self.comfy.commit,
             path=str(self.comfy.path),
             dirty=self.comfy.dirty,
+            diff_hash=self.comfy.diff_hash,
             source_hash=self.comfy.source_hash,
         )
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...families import flux, get_family, qwen, wan
-from ...families.common import apply_outliers, scale_modulation
+from ...families.common import apply_outliers, outlier_channels, scale_modulation
 from ...precision import Precision
 from ...probes import GuardSpy
 from ...profiles import Profile
@@ -312,9 +312,10 @@ class ComfyBlock:
             captured = capture_block_inputs(shell, lambda: model(*args, **kwargs))
         sizes = profile.sizes_for(scale)
         sizes = {"image_tokens": sizes.image_tokens * (1 + profile.references), "text_tokens": sizes.text_tokens, "frames": sizes.frames}
-        captured = apply_outliers(captured, profile.outliers, self.spec.streams(sizes))
+        streams = self.spec.streams(sizes)
+        captured = apply_outliers(captured, profile.outliers, streams)
         captured = scale_modulation(captured, self.spec.modulation, profile.modulation_scale)
-        return ComponentInputs(kwargs=captured, sizes=sizes)
+        return ComponentInputs(kwargs=captured, sizes=sizes, outlier_channels=outlier_channels(profile.outliers, streams))
 
 
 def _names(family, component: str) -> Mapping[str, str]:

@@ -28,6 +28,7 @@ import torch
 
 from ...backends import package_reasons
 from ..base import SubjectError
+from ..sources import source_hash
 
 
 @dataclass
@@ -38,7 +39,8 @@ class ComfyUI:
     version: str
     commit: str | None
     dirty: bool | None
-    source_hash: str | None
+    diff_hash: str | None
+    source_hash: str
     model_management: ModuleType
     ops: ModuleType
     attention: ModuleType
@@ -70,15 +72,20 @@ def _git(path: Path, *args: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def git_state(path: Path) -> tuple[str | None, bool | None, str | None]:
-    """(commit, dirty, hash of the Python changes) where the checkout is a git work tree; Nones otherwise.
+# What a checkout's identity covers: the sources the adapters import and their neighbours (conformance.subjects.sources).
+SOURCE_PARTS = ("comfy", "comfy_extras", "comfyui_version.py")
 
-    Only Python sources count: a checkout missing a large data file (a tokenizer) computes the same blocks.
+
+def git_state(path: Path) -> tuple[str | None, bool | None, str | None]:
+    """(commit, dirty, hash of the changes) where the checkout is a git work tree; Nones otherwise.
+
+    Only the Python sources of ``SOURCE_PARTS`` count: a checkout missing a large data file (a tokenizer) or with a
+    custom node of its own computes the same blocks.
     """
     if not (path / ".git").exists():
         return None, None, None
     commit = (_git(path, "rev-parse", "HEAD") or "").strip() or None
-    diff = _git(path, "diff", "HEAD", "--", "*.py")
+    diff = _git(path, "diff", "HEAD", "--", *(f"{part}/*.py" if not part.endswith(".py") else part for part in SOURCE_PARTS))
     if commit is None or diff is None:
         return commit, None, None
     dirty = bool(diff.strip())
@@ -124,13 +131,14 @@ def load(path: Path, device: torch.device) -> ComfyUI:
             f"(pip install -e '.[comfyui]')"
         ) from error
 
-    commit, dirty, source_hash = git_state(path)
+    commit, dirty, diff_hash = git_state(path)
     comfy = ComfyUI(
         path=path,
         version=read_version(path),
         commit=commit,
         dirty=dirty,
-        source_hash=source_hash,
+        diff_hash=diff_hash,
+        source_hash=source_hash(path, SOURCE_PARTS),
         model_management=model_management,
         ops=ops,
         attention=attention,

@@ -14,6 +14,7 @@ from ...backends import BackendSupport, CallCounter, package_reasons
 from ...precision import Precision
 from ...profiles import Profile
 from ..base import BuiltComponent, ComponentInputs, Subject, SubjectError, SubjectInfo
+from ..sources import source_hash
 
 # Suite backend name -> diffusers AttentionBackendName value.
 BACKEND_NAMES = {
@@ -43,6 +44,7 @@ class DiffusersSubject(Subject):
 
     def __init__(self) -> None:
         self._diffusers, self._dispatch = _import_diffusers()
+        self._info: SubjectInfo | None = None
         from .blocks import SPECS, DiffusersBlock
         from .vaes import SPECS as VAE_SPECS
         from .vaes import DiffusersVae
@@ -52,9 +54,12 @@ class DiffusersSubject(Subject):
 
     # -- what it is ---------------------------------------------------------------------------------------------
     def info(self) -> SubjectInfo:
-        return SubjectInfo(
-            name=self.name, version=self._diffusers.__version__, commit=None, path=str(Path(self._diffusers.__file__).parent)
-        )
+        if self._info is None:
+            package = Path(self._diffusers.__file__).parent
+            self._info = SubjectInfo(
+                name=self.name, version=self._diffusers.__version__, path=str(package), source_hash=source_hash(package, (".",))
+            )
+        return self._info
 
     def packages(self) -> dict[str, str]:
         out = {}

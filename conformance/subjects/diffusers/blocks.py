@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...families import flux, get_family, qwen, wan
-from ...families.common import apply_outliers, scale_modulation
+from ...families.common import apply_outliers, outlier_channels, scale_modulation
 from ...precision import Precision
 from ...probes import GuardSpy
 from ...profiles import Profile
@@ -316,9 +316,10 @@ class DiffusersBlock:
             kwargs = capture_block_inputs(shell, lambda: model(**call))
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "encoder_hidden_states_mask"}
         sizes = _sizes(profile, scale)
-        kwargs = apply_outliers(kwargs, profile.outliers, {s: (key, None) for s, key in self.spec.streams.items()})
+        streams = {s: (key, None) for s, key in self.spec.streams.items()}
+        kwargs = apply_outliers(kwargs, profile.outliers, streams)
         kwargs = scale_modulation(kwargs, self.spec.modulation, profile.modulation_scale)
-        return ComponentInputs(kwargs=kwargs, sizes=sizes)
+        return ComponentInputs(kwargs=kwargs, sizes=sizes, outlier_channels=outlier_channels(profile.outliers, streams))
 
 
 def _sizes(profile: Profile, scale: str) -> dict[str, int]:
