@@ -4,7 +4,8 @@
 ``comfy/model_management.py``). A checkout is run through the suite first, in its own pytest process (ComfyUI can be
 imported once per process), with ``--save-outputs`` so the gate can compare fp32 outputs; then the two report
 directories are compared. gate.md, gate.html and gate.json go to ``--out``; the markdown summary is printed; the
-exit code is the gate's (0 pass, 1 regressed, 3 semantics changed, 4 benchmark slowdown; 2 usage or input error).
+exit code is the gate's (0 pass, 1 regressed, 3 semantics changed, 4 benchmark slowdown, 5 inconclusive: the runs
+cannot answer; 2 usage or input error).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import conformance
 
 from .atomic import write_text
-from .gate import DEFAULT_FP32_RTOL, DEFAULT_MARGIN
+from .gate import DEFAULT_FP32_RTOL
 from .rundir import RESULTS_FILE, ReportDirError
 
 REPO_ROOT = Path(conformance.__file__).resolve().parent.parent
@@ -151,7 +152,6 @@ def cmd_gate(args: argparse.Namespace) -> int:
     result = compare_runs(
         baseline,
         candidate,
-        margin=args.margin,
         fp32_rtol=args.fp32_rtol,
         accept_semantics=args.accept_semantics,
         fail_on_benchmark_slowdown=args.fail_on_benchmark_slowdown,
@@ -224,7 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     gate = sub.add_parser("gate", help="compare a candidate run (or ComfyUI checkout) with a baseline", description=__doc__.split("\n\n")[1])
     gate.add_argument("--baseline", required=True, help="report directory, ComfyUI checkout or ratchet file")
     gate.add_argument("--candidate", required=True, help="report directory or ComfyUI checkout")
-    gate.add_argument("--margin", type=_fraction, default=DEFAULT_MARGIN, help="relative rel_l2 slack over the baseline (default 0.10; budget/10 is added)")
     gate.add_argument(
         "--fp32-rtol", type=_positive, default=DEFAULT_FP32_RTOL, help="fp32 outputs further than this rel-L2 from the baseline's change semantics (default 1e-5)"
     )

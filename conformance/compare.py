@@ -77,12 +77,11 @@ class Budget:
     rel_l2: float
     max_abs_rel: float
     backend_k: float
-    ratchet_margin: float
     provenance: str
 
     @property
     def floor(self) -> float:
-        """Absolute slack of the backend and ratchet rules: a tenth of the budget (dynamo ``same()``: tol / 10)."""
+        """Absolute slack of the backend rule: a tenth of the budget (dynamo ``same()``: tol / 10)."""
         return self.rel_l2 / 10
 
 
@@ -103,7 +102,6 @@ def load_budgets(path: Path = BUDGETS_FILE, kind: str | None = None) -> dict[str
                 rel_l2=float(merged["rel_l2"]),
                 max_abs_rel=float(merged["max_abs_rel"]),
                 backend_k=float(merged["backend_k"]),
-                ratchet_margin=float(merged["ratchet_margin"]),
                 provenance=" ".join(str(merged.get("provenance", "")).split()),
             )
         except KeyError as missing:
@@ -116,6 +114,38 @@ def budget_for(precision: str, path: Path = BUDGETS_FILE, kind: str | None = Non
     if precision not in budgets:
         raise KeyError(f"{path} has no budget for precision {precision!r}")
     return budgets[precision]
+
+
+@dataclass(frozen=True)
+class Margin:
+    """How much worse a candidate's rel_l2 may be before it regressed: ``baseline * (1 + rel) + abs``."""
+
+    rel: float
+    abs: float
+
+    def threshold(self, baseline: float) -> float:
+        return baseline * (1 + self.rel) + self.abs
+
+
+@cache
+def gate_margins(path: Path = BUDGETS_FILE) -> dict[str, Margin]:
+    """Per precision, from ``fixtures/budgets.toml [gate.<precision>]`` (measured noise, see its provenance)."""
+    with Path(path).open("rb") as handle:
+        data = tomllib.load(handle).get("gate", {})
+    default = data.get("default", {})
+    out = {}
+    for name, raw in data.items():
+        if isinstance(raw, dict) and "rel" in {**default, **raw}:
+            merged = {**default, **raw}
+            out[name] = Margin(float(merged["rel"]), float(merged["abs"]))
+    return out
+
+
+def margin_for(case: dict | None) -> Margin:
+    margins = gate_margins()
+    precision = (case or {}).get("precision")
+    return margins.get(precision) or margins["default"]
+
 
 
 @dataclass
@@ -148,7 +178,7 @@ class Evidence:
 # builds the same way, a ratchet regression.
 DECLARABLE_KINDS = ("entered", "born", "masked", "nonfinite_output", "saturated", "budget", "save_stage", "tiling")
 UNDECLARABLE_KINDS = ("backend", "fallback", "consistency", "inputs", "ratchet")
-LOCATED_KINDS = ("entered", "born", "masked", "saturated")
+LOCATED_KINDS = ("entered", "born", "masked")  # a declaration's `at` is where the first non-finite value is
 
 
 @dataclass(frozen=True)
@@ -233,13 +263,14 @@ def failures_of(ev: Evidence, budget: Budget) -> tuple[list[Failure], list[str]]
                         metric="rel_l2", value=m["rel_l2"],
                     ))  # fmt: skip
 
-        # 3. ratchet
+        # 3. ratchet: the gate's rule (a recorded expectation is a baseline run)
         if ev.expectation is not None:
-            bound = ev.expectation * (1 + budget.ratchet_margin) + budget.floor
+            margin = margin_for({"precision": ev.precision})
+            bound = margin.threshold(ev.expectation)
             if m["rel_l2"] > bound:
                 failures.append(Failure(
                     "ratchet",
-                    f"rel_l2 {_fmt(m['rel_l2'])} worse than the expectation {_fmt(ev.expectation)} (+{budget.ratchet_margin:.0%} + {_fmt(budget.floor)})",
+                    f"rel_l2 {_fmt(m['rel_l2'])} worse than the expectation {_fmt(ev.expectation)} (x (1 + {margin.rel:g}) + {margin.abs:g} = {_fmt(bound)})",
                     metric="rel_l2", value=m["rel_l2"],
                 ))  # fmt: skip
 

@@ -52,12 +52,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .compare import Margin, gate_margins, margin_for
 from .rundir import EXECUTED, benchmark_file, budget_rel_l2, cases_by_id, finite, load_results, outputs_file, rel_l2
 
 VERDICTS = ("regressed", "semantics changed", "improved", "added", "removed", "unchanged")
-DEFAULT_MARGIN = 0.10
 DEFAULT_FP32_RTOL = 1e-5
-EXIT_OK, EXIT_REGRESSED, EXIT_SEMANTICS, EXIT_BENCHMARK = 0, 1, 3, 4
+EXIT_OK, EXIT_REGRESSED, EXIT_SEMANTICS, EXIT_BENCHMARK, EXIT_INCONCLUSIVE = 0, 1, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,19 @@ class Side:
     budget_rel_l2: float | None
     nonfinite: str | None  # where the first non-finite value was, or why there is no finite rel_l2
     reason: str
+    failures: tuple[tuple[str, str | None], ...] = ()  # (kind, at) of every typed failure (compare.Failure)
+    saturated: int | None = None  # None: the run recorded no probe statistics (a ratchet file)
+    headroom: float | None = None  # dtype maximum / largest |value| at any probed boundary
+    inputs_sha256: str | None = None
 
     @classmethod
     def of(cls, case: dict) -> Side:
-        return cls(case["outcome"], rel_l2(case), budget_rel_l2(case), _nonfinite(case), case.get("reason") or "")
+        stats = case.get("stats") or {}
+        kinds = tuple(sorted({(f["kind"], f.get("at")) for f in case.get("failure_kinds") or [] if f["kind"] != "expectation"}, key=str))
+        return cls(
+            case["outcome"], rel_l2(case), budget_rel_l2(case), _nonfinite(case), case.get("reason") or "",
+            kinds, int(stats.get("saturated") or 0) if stats else None, finite(stats.get("headroom")), (case.get("inputs") or {}).get("sha256"),
+        )  # fmt: skip
 
     @property
     def ran(self) -> bool:
@@ -147,13 +156,13 @@ class GateResult:
     candidate_dir: Path
     baseline_run: dict
     candidate_run: dict
-    margin: float
     fp32_rtol: float
     accept_semantics: bool
     cases: list[CaseVerdict]
     benchmarks: list[BenchmarkDelta] = field(default_factory=list)
     fail_on_benchmark_slowdown: float | None = None
     notes: list[str] = field(default_factory=list)
+    inconclusive: list[str] = field(default_factory=list)  # why the runs cannot answer (inconclusive_reasons)
 
     def with_verdict(self, verdict: str) -> list[CaseVerdict]:
         return [c for c in self.cases if c.verdict == verdict]
@@ -170,6 +179,8 @@ class GateResult:
             return EXIT_SEMANTICS
         if any(b.failing for b in self.benchmarks):
             return EXIT_BENCHMARK
+        if self.inconclusive:
+            return EXIT_INCONCLUSIVE
         return EXIT_OK
 
     @property
@@ -180,13 +191,15 @@ class GateResult:
             EXIT_REGRESSED: f"fail: {len(self.with_verdict('regressed'))} case(s) regressed",
             EXIT_SEMANTICS: f"fail: {len(self.with_verdict('semantics changed'))} fp32 case(s) changed semantics (accept with --accept-semantics)",
             EXIT_BENCHMARK: f"fail: {sum(b.failing for b in self.benchmarks)} benchmark(s) slower than allowed",
+            EXIT_INCONCLUSIVE: "inconclusive: " + "; ".join(self.inconclusive),
         }[self.exit_code]
 
     def as_dict(self) -> dict:
         return {
             "baseline": str(self.baseline_dir),
             "candidate": str(self.candidate_dir),
-            "margin": self.margin,
+            "margins": {k: {"rel": m.rel, "abs": m.abs} for k, m in gate_margins().items()},
+            "inconclusive": self.inconclusive,
             "fp32_rtol": self.fp32_rtol,
             "accept_semantics": self.accept_semantics,
             "fail_on_benchmark_slowdown": self.fail_on_benchmark_slowdown,
@@ -205,16 +218,24 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
-def compare_outputs(baseline_file: Path, candidate_file: Path) -> OutputDiff:
-    """Relative L2 of the candidate's saved outputs against the baseline's, in float64, worst output counts."""
+def compare_outputs(baseline_file: Path, candidate_file: Path, outlier_channels: dict[str, list[int]] | None = None) -> OutputDiff:
+    """Relative L2 of the candidate's saved outputs against the baseline's, in float64, worst output counts; an output
+    with outlier channels (massive activations) is also measured without them (``name/bulk``), since a few 1e4+
+    channels dominate the whole tensor's norm and would hide a change in the rest."""
     import numpy as np
     from safetensors.numpy import load_file
 
+    outlier_channels = outlier_channels or {}
     base, cand = load_file(str(baseline_file)), load_file(str(candidate_file))
     if set(base) != set(cand):
         return OutputDiff(math.inf, {}, f"different outputs: baseline {sorted(base)}, candidate {sorted(cand)}")
     per_output: dict[str, float | None] = {}
     notes = []
+
+    def rel(b, c) -> float:
+        b_norm, d_norm = float(np.linalg.norm(b)), float(np.linalg.norm(c - b))
+        return d_norm / b_norm if b_norm else (0.0 if d_norm == 0 else math.inf)
+
     for name in sorted(base):
         b, c = base[name].astype(np.float64), cand[name].astype(np.float64)
         if b.shape != c.shape:
@@ -224,20 +245,41 @@ def compare_outputs(baseline_file: Path, candidate_file: Path) -> OutputDiff:
             per_output[name] = None
             notes.append(f"{name}: non-finite values, not compared")
         else:
-            b_norm, d_norm = float(np.linalg.norm(b)), float(np.linalg.norm(c - b))
-            per_output[name] = d_norm / b_norm if b_norm else (0.0 if d_norm == 0 else math.inf)
+            per_output[name] = rel(b, c)
+            channels = outlier_channels.get(name)
+            if channels and b.ndim and b.shape[-1] > len(channels):
+                keep = np.ones(b.shape[-1], dtype=bool)
+                keep[list(channels)] = False
+                per_output[f"{name}/bulk"] = rel(b[..., keep], c[..., keep])
     values = [v for v in per_output.values() if v is not None]
     return OutputDiff(max(values) if values else None, per_output, "; ".join(notes))
+
+
+def compare_saved_inputs(baseline_file: Path, candidate_file: Path, outlier_channels: dict[str, list[int]] | None = None):
+    """The inputs each side's cases ran on (saved with --save-outputs), element-wise (``conformance.inputs``)."""
+    from safetensors.torch import load_file
+
+    from .inputs import InputCheck, compare_tensors
+
+    return InputCheck(compare_tensors(load_file(str(baseline_file)), load_file(str(candidate_file)), outlier_channels))
+
+
+HEADROOM_MIN = 2.0  # a boundary within a factor 2 of its dtype's maximum: one more doubling overflows
+
+
+def _failure_label(kind: str, at: str | None) -> str:
+    return {"backend": "a backend call missing", "fallback": "a logged fallback"}.get(kind, f"{kind} failure") + (f" at {at}" if at else "")
 
 
 def judge_case(
     case_id: str,
     base: dict | None,
     cand: dict | None,
-    margin: float,
-    fp32_rtol: float,
+    margin: Margin | None = None,
+    fp32_rtol: float = DEFAULT_FP32_RTOL,
     baseline_dir: Path | None = None,
     candidate_dir: Path | None = None,
+    same_selection: bool = False,
 ) -> CaseVerdict:
     """One case's verdict (module docstring: the rules, in order)."""
     if base is None:
@@ -245,13 +287,16 @@ def judge_case(
         return CaseVerdict(case_id, "added", [f"only in the candidate ({side.outcome})"], None, side)
     if cand is None:
         side = Side.of(base)
+        if same_selection and side.ran:
+            return CaseVerdict(case_id, "regressed", [f"ran in the baseline ({side.outcome}) and is missing from the candidate run of the same selection"], side, None)
         return CaseVerdict(case_id, "removed", [f"only in the baseline ({side.outcome})"], side, None)
+    margin = margin or margin_for(base)
     b, c = Side.of(base), Side.of(cand)
     regressed: list[str] = []
     improved: list[str] = []
 
     if b.ran and not c.ran:
-        regressed.append(f"backend newly missing: ran in the baseline ({b.outcome}), skipped in the candidate: {c.reason}")
+        regressed.append(f"ran in the baseline ({b.outcome}), skipped in the candidate: {c.reason}")
     if not b.ran and c.ran:
         if c.outcome in ("failed", "error"):
             regressed.append(f"newly running and {c.outcome}: skipped in the baseline ({b.reason}); {c.reason}")
@@ -260,30 +305,48 @@ def judge_case(
     if b.ran and c.ran:
         if c.nonfinite and not b.nonfinite:
             regressed.append(f"newly non-finite: {c.nonfinite}")
-        elif b.nonfinite and not c.nonfinite:
+        elif b.nonfinite and not c.nonfinite and c.outcome == "passed":
             improved.append(f"newly finite (baseline: {b.nonfinite})")
         if b.outcome == "passed" and c.outcome != "passed":
             regressed.append(f"newly {c.outcome} (baseline passed): {c.reason}")
+        elif b.outcome == "xfailed" and c.outcome in ("failed", "error"):
+            regressed.append(f"xfailed -> {c.outcome}: {c.reason}")
         elif b.outcome in ("failed", "error", "xfailed") and c.outcome == "passed":
             improved.append(f"newly passing (baseline {b.outcome}: {b.reason})")
+        new_failures = [f for f in c.failures if f not in b.failures]
+        if new_failures and b.outcome != "passed":  # (a newly failing case is reported above)
+            regressed.append("fails another way: " + ", ".join(_failure_label(*f) for f in new_failures) + f" (baseline: {', '.join(_failure_label(*f) for f in b.failures) or b.outcome})")
+        if c.saturated and b.saturated == 0:
+            regressed.append(f"newly saturated: {c.saturated} values at the dtype maximum (baseline none)")
+        if c.headroom is not None and b.headroom is not None and c.headroom < HEADROOM_MIN <= b.headroom:
+            regressed.append(f"lost headroom: largest value within {c.headroom:.3g}x of the dtype maximum (baseline {b.headroom:.3g}x; limit {HEADROOM_MIN:g}x)")
 
     threshold = None
-    budget = c.budget_rel_l2 or b.budget_rel_l2
     if b.rel_l2 is not None and c.rel_l2 is not None:
-        slack = margin * b.rel_l2 + (budget / 10 if budget else 0.0)
-        threshold = b.rel_l2 + slack
+        threshold = margin.threshold(b.rel_l2)
         if c.rel_l2 > threshold:
-            floor = _fmt(budget / 10 if budget else None)
-            regressed.append(f"rel_l2 {_fmt(c.rel_l2)} > baseline {_fmt(b.rel_l2)} + {margin:.0%} + budget/10 {floor} = {_fmt(threshold)}")
-        elif c.rel_l2 < b.rel_l2 - slack:
-            improved.append(f"rel_l2 {_fmt(c.rel_l2)} < baseline {_fmt(b.rel_l2)} - {_fmt(slack)}")
+            regressed.append(f"rel_l2 {_fmt(c.rel_l2)} > baseline {_fmt(b.rel_l2)} x (1 + {margin.rel:g}) + {margin.abs:g} = {_fmt(threshold)}")
+        elif c.rel_l2 < b.rel_l2 - (threshold - b.rel_l2):
+            improved.append(f"rel_l2 {_fmt(c.rel_l2)} < baseline {_fmt(b.rel_l2)} - {_fmt(threshold - b.rel_l2)}")
 
     diff = None
     semantics: list[str] = []
-    if (base.get("precision") == "fp32" and b.ran and c.ran and baseline_dir is not None and candidate_dir is not None):
+    notes: list[str] = []
+    if base.get("precision") == "fp32" and b.ran and c.ran and baseline_dir is not None and candidate_dir is not None:
+        if b.inputs_sha256 and c.inputs_sha256 and b.inputs_sha256 != c.inputs_sha256:
+            b_in, c_in = (base.get("inputs") or {}).get("file"), (cand.get("inputs") or {}).get("file")
+            if b_in and c_in and (baseline_dir / "outputs" / b_in).is_file() and (candidate_dir / "outputs" / c_in).is_file():
+                check = compare_saved_inputs(baseline_dir / "outputs" / b_in, candidate_dir / "outputs" / c_in, (cand.get("inputs") or {}).get("outlier_channels"))
+                failure = check.failure()
+                if failure:
+                    semantics.append(failure.replace("the subject builds its inputs differently", "the candidate builds the inputs differently"))
+                else:
+                    notes.append(f"inputs differ within embedder noise (worst rel-L2 {_fmt(check.worst()['rel_l2'])})")
+            else:
+                notes.append("the two sides ran on different stored inputs, not saved: inputs not compared")
         bf, cf = outputs_file(baseline_dir, case_id), outputs_file(candidate_dir, case_id)
         if bf.is_file() and cf.is_file():
-            diff = compare_outputs(bf, cf)
+            diff = compare_outputs(bf, cf, (cand.get("inputs") or {}).get("output_outlier_channels"))
             if diff.rel_l2 is not None and diff.rel_l2 > fp32_rtol:
                 semantics.append(
                     f"fp32 outputs differ from the baseline's by {_fmt(diff.rel_l2)} rel-L2 > {fp32_rtol:g}"
@@ -292,11 +355,11 @@ def judge_case(
                 )
 
     if regressed:
-        return CaseVerdict(case_id, "regressed", regressed + semantics, b, c, threshold, diff)
+        return CaseVerdict(case_id, "regressed", regressed + semantics + notes, b, c, threshold, diff)
     if semantics:
-        return CaseVerdict(case_id, "semantics changed", semantics + improved, b, c, threshold, diff)
+        return CaseVerdict(case_id, "semantics changed", semantics + improved + notes, b, c, threshold, diff)
     if improved:
-        return CaseVerdict(case_id, "improved", improved, b, c, threshold, diff)
+        return CaseVerdict(case_id, "improved", improved + notes, b, c, threshold, diff)
     why = []
     if b.rel_l2 is not None and c.rel_l2 is not None:
         why.append(f"rel_l2 {_fmt(b.rel_l2)} -> {_fmt(c.rel_l2)} (regresses above {_fmt(threshold)})")
@@ -306,7 +369,36 @@ def judge_case(
         why.append(f"{b.outcome} -> {c.outcome}")
     if diff is not None and diff.rel_l2 is not None:
         why.append(f"fp32 outputs within {_fmt(diff.rel_l2)} of the baseline's (limit {fp32_rtol:g})")
-    return CaseVerdict(case_id, "unchanged", why, b, c, threshold, diff)
+    return CaseVerdict(case_id, "unchanged", why + notes, b, c, threshold, diff)
+
+
+def inconclusive_reasons(base_cases: dict[str, dict], cand_cases: dict[str, dict]) -> list[str]:
+    """Why the two runs cannot answer the gate's question (empty: they can): nothing selected, nothing that ran on
+    both sides, a component with no case that passed on both sides, cases that error on both sides."""
+    if not base_cases and not cand_cases:
+        return ["the selection is empty on both sides: nothing was compared"]
+    both = [i for i in base_cases if i in cand_cases]
+    ran_both = [i for i in both if base_cases[i]["outcome"] in EXECUTED and cand_cases[i]["outcome"] in EXECUTED]
+    if not ran_both:
+        return [f"no case ran on both sides ({len(both)} common case ids, all skipped on one side or both)"]
+    reasons = []
+    components: dict[str, list[str]] = {}
+    for i in both:
+        components.setdefault(base_cases[i].get("component") or cand_cases[i].get("component") or "?", []).append(i)
+    for component, ids in sorted(components.items()):
+        comparable = [i for i in ids if base_cases[i]["outcome"] in ("passed", "xfailed") and cand_cases[i]["outcome"] in ("passed", "xfailed")]
+        ran = [i for i in ids if base_cases[i]["outcome"] in EXECUTED or cand_cases[i]["outcome"] in EXECUTED]
+        if not comparable:
+            skipped = [i for i in ids if i not in ran]
+            why = cand_cases[skipped[0]].get("reason") if skipped else ""
+            reasons.append(
+                f"{component}: no case passed on both sides ({len(ran)} ran on either side, {len(ids) - len(ran)} skipped on both"
+                + (f"; e.g. {why}" if why else "") + ")"
+            )  # fmt: skip
+    errors = [i for i in both if base_cases[i]["outcome"] == "error" and cand_cases[i]["outcome"] == "error"]
+    if errors:
+        reasons.append(f"{len(errors)} case(s) error on both sides, e.g. {errors[0]}: {cand_cases[errors[0]].get('reason', '')[:200]}")
+    return reasons
 
 
 # --- benchmarks ---------------------------------------------------------------------------------------------------
@@ -365,19 +457,21 @@ def _run_notes(base_run: dict, cand_run: dict) -> list[str]:
 def compare_runs(
     baseline_dir: Path,
     candidate_dir: Path,
-    margin: float = DEFAULT_MARGIN,
     fp32_rtol: float = DEFAULT_FP32_RTOL,
     accept_semantics: bool = False,
     fail_on_benchmark_slowdown: float | None = None,
 ) -> GateResult:
     """Compare two report directories case by case (and their benchmarks); see the module docstring for the rules."""
-    if margin < 0 or fp32_rtol <= 0:
-        raise ValueError(f"margin must be >= 0 and fp32_rtol > 0 (got {margin}, {fp32_rtol})")
+    if fp32_rtol <= 0:
+        raise ValueError(f"fp32_rtol must be > 0 (got {fp32_rtol})")
     baseline_dir, candidate_dir = Path(baseline_dir), Path(candidate_dir)
     base_doc, cand_doc = load_results(baseline_dir), load_results(candidate_dir)
     base_cases, cand_cases = cases_by_id(base_doc), cases_by_id(cand_doc)
     ids = list(dict.fromkeys([*base_cases, *cand_cases]))
-    verdicts = [judge_case(i, base_cases.get(i), cand_cases.get(i), margin, fp32_rtol, baseline_dir, candidate_dir) for i in ids]
+    same = _same_selection(base_doc["run"], cand_doc["run"])
+    verdicts = [
+        judge_case(i, base_cases.get(i), cand_cases.get(i), None, fp32_rtol, baseline_dir, candidate_dir, same_selection=same) for i in ids
+    ]
     severity = {v: k for k, v in enumerate(VERDICTS)}
     verdicts.sort(key=lambda v: severity[v.verdict])  # stable: file order within a verdict
     notes = _run_notes(base_doc["run"], cand_doc["run"])
@@ -393,14 +487,21 @@ def compare_runs(
         candidate_dir,
         base_doc["run"],
         cand_doc["run"],
-        margin,
         fp32_rtol,
         accept_semantics,
         verdicts,
         benchmarks,
         fail_on_benchmark_slowdown,
         notes,
+        inconclusive_reasons(base_cases, cand_cases),
     )
+
+
+def _same_selection(base_run: dict, cand_run: dict) -> bool:
+    """Whether both runs asked for the same cases (then a case that ran in the baseline must be in the candidate)."""
+    keys = ("scale", "profile", "guard", "markexpr", "keyword")
+    b, c = base_run.get("options") or {}, cand_run.get("options") or {}
+    return bool(b) and bool(c) and all(b.get(k) == c.get(k) for k in keys)
 
 
 def __getattr__(name: str):

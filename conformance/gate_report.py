@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 
+from .compare import gate_margins
 from .gate import VERDICTS, BenchmarkDelta, CaseVerdict, GateResult
 
 VERDICT_COLOURS = {
@@ -50,10 +51,14 @@ def _run_rows(result: GateResult) -> list[tuple[str, str, str]]:
 
 def _rules(result: GateResult) -> str:
     slowdown = "reported only" if result.fail_on_benchmark_slowdown is None else f"fail above {1 + result.fail_on_benchmark_slowdown:.2f}x"
+    margins = ", ".join(f"{name} x(1+{m.rel:g})+{m.abs:g}" for name, m in gate_margins().items())
     return (
-        f"regressed: rel_l2 above baseline + {result.margin:.0%} + budget/10, newly non-finite, newly failing, backend newly "
-        f"missing; semantics changed: fp32 outputs differ from the baseline's by more than {result.fp32_rtol:g} rel-L2"
-        f"{' (accepted)' if result.accept_semantics else ''}; benchmarks: {slowdown}."
+        f"regressed: rel_l2 above the baseline's by the measured noise margin ({margins}), newly non-finite, newly "
+        f"failing (xfailed -> failed included), failing another way (kind or location), a backend call missing or a logged "
+        f"fallback, ran in the baseline and skipped or missing now (a component that no longer builds), newly saturated, "
+        f"lost headroom; semantics changed: fp32 outputs (whole and bulk channels) differ from the baseline's by more "
+        f"than {result.fp32_rtol:g} rel-L2, or the inputs are built differently"
+        f"{' (accepted)' if result.accept_semantics else ''}; inconclusive (exit 5): nothing comparable ran; benchmarks: {slowdown}."
     )
 
 
@@ -97,7 +102,7 @@ def _md_table(header, rows) -> list[str]:
 def gate_markdown(result: GateResult, include_unchanged: bool = True) -> str:
     """The gate's verdicts as markdown; with ``include_unchanged=False`` the unchanged cases are only counted."""
     counts = result.counts
-    status = "PASS" if result.exit_code == 0 else "FAIL"
+    status = {0: "PASS", 5: "INCONCLUSIVE"}.get(result.exit_code, "FAIL")
     lines = [
         f"# Upgrade gate: {status} (exit {result.exit_code})",
         "",
@@ -158,7 +163,7 @@ def _html_table(header, rows, row_ids=None) -> str:
 def gate_html(result: GateResult) -> str:
     """The gate's verdicts as one self-contained HTML page (no external resources, no script)."""
     counts = result.counts
-    status = "PASS" if result.exit_code == 0 else "FAIL"
+    status = {0: "PASS", 5: "INCONCLUSIVE"}.get(result.exit_code, "FAIL")
     parts = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         f"<title>Upgrade gate: {status}</title><style>{STYLE}</style></head><body>",

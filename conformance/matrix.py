@@ -34,6 +34,8 @@ def build_matrix(
     guards: tuple[str, ...] = ("none",),
 ) -> list[MatrixEntry]:
     entries = []
+    for component, reason in subject.unavailable_components().items():
+        entries += _unavailable(subject, component, reason, scales, profiles, guards)
     for component in subject.components():
         family = family_of(component)
         available_profiles = {n: p for n, p in load_profiles(profile_family(component)).items() if p.applies(component)}
@@ -61,6 +63,23 @@ def build_matrix(
                     reason = subject.xcheck_reason(component) or (f"profile {profile}: {profile_reason}" if profile_reason else None) or _partner_reason(subject.xcheck_partner)
                     entries.append(MatrixEntry(case, reason))
     return entries
+
+
+def _unavailable(subject: Subject, component: str, reason: str, scales, profiles, guards) -> list[MatrixEntry]:
+    """The cases of a component the subject cannot offer: in the matrix, skipped with the one reason (so a gate sees
+    a component that ran in its baseline and no longer builds)."""
+    family = family_of(component)
+    available = [n for n, p in load_profiles(profile_family(component)).items() if p.applies(component)]
+    out = []
+    for scale in scales:
+        for profile in profiles or tuple(available):
+            if profile not in available:
+                continue
+            for precision in PRECISIONS:
+                for backend in BACKENDS:
+                    for guard in guards:
+                        out.append(MatrixEntry(Case(subject.name, family, component, scale, precision, backend, profile, guard), f"{component}: {reason}"))
+    return out
 
 
 def _partner_reason(partner: str) -> str | None:

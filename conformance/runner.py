@@ -372,20 +372,31 @@ class Engine:
     def _metrics_by_output(
         self, case: Case, expected_outputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]
     ) -> dict[str, dict[str, float]]:
-        family = component_module(case.component)
-        profile = load_profiles(profile_family(case.component))[case.profile]
         per_output: dict[str, dict[str, float]] = {}
+        outliers = self.output_outlier_channels(case, outputs)
         for name, actual in outputs.items():
             expected = expected_outputs[name].to("cpu")
             per_output[name] = compare.metrics(expected, actual)
-            stream = family.OUTPUT_STREAMS.get(name)
-            outlier_channels = sorted({c for o in profile.outliers if o.stream == stream for c in o.channels})
+            outlier_channels = outliers.get(name)
             if outlier_channels:
                 # With a few channels at 1e4+, the whole-tensor error is their rounding; judge the rest on its own too.
                 keep = torch.ones(expected.shape[-1], dtype=torch.bool)
                 keep[outlier_channels] = False
                 per_output[f"{name}/bulk"] = compare.metrics(expected[..., keep], actual.to("cpu")[..., keep])
         return per_output
+
+    @staticmethod
+    def output_outlier_channels(case: Case, outputs: Mapping[str, object]) -> dict[str, list[int]]:
+        """Per output, the channels its profile holds at massive values (judged apart from the bulk)."""
+        family = component_module(case.component)
+        profile = load_profiles(profile_family(case.component))[case.profile]
+        out = {}
+        for name in outputs:
+            stream = family.OUTPUT_STREAMS.get(name)
+            channels = sorted({c for o in profile.outliers if o.stream == stream for c in o.channels})
+            if channels:
+                out[name] = channels
+        return out
 
     def reference_metrics(self, case: Case, golden: Golden) -> dict | None:
         """Metrics of the same case under the reference backend (cached): what the backend rule compares with."""
@@ -583,7 +594,12 @@ class Engine:
             failures=verdict.messages,
             failure_kinds=[f.as_dict() for f in verdict.failures],
             expected_failure=declared.as_dict() if declared else None,
-            inputs={"sha256": golden.inputs.sha256, "outlier_channels": golden.inputs.outlier_channels, "file": inputs_file},
+            inputs={
+                "sha256": golden.inputs.sha256,
+                "outlier_channels": golden.inputs.outlier_channels,
+                "output_outlier_channels": self.output_outlier_channels(case, run.outputs),
+                "file": inputs_file,
+            },
             notes=notes,
             boundaries=[r.as_dict() for r in run.records],
             sizes=dict(inputs.sizes),

@@ -106,6 +106,9 @@ class BuiltComponent:
         return self.call(self.module, inputs, sizes or {})
 
 
+ABSENT = "absent from"  # skip-reason prefix of a component the subject's version does not have at all
+
+
 class SubjectError(RuntimeError):
     """The subject cannot be loaded or does not offer what was asked."""
 
@@ -165,6 +168,11 @@ class Subject(ABC):
 
     @abstractmethod
     def components(self) -> tuple[str, ...]: ...
+
+    def unavailable_components(self) -> dict[str, str]:
+        """Components of the suite this subject does not offer, each with its skip reason (starting with
+        ``ABSENT`` when the version simply has no such model, else why the suite's adapter cannot build it)."""
+        return {}
 
     @abstractmethod
     def backend_support(self, backend: str, device: torch.device, component: str | None = None) -> BackendSupport: ...

@@ -83,6 +83,9 @@ class ComfyUISubject(Subject):
     def components(self) -> tuple[str, ...]:
         return tuple(self._components)
 
+    def unavailable_components(self) -> dict[str, str]:
+        return dict(self.missing_components)
+
     def _adapter(self, component: str):
         try:
             return self._components[component]

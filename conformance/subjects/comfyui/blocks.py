@@ -21,7 +21,7 @@ from ...families.common import apply_outliers, outlier_channels, scale_modulatio
 from ...precision import Precision
 from ...probes import GuardSpy
 from ...profiles import Profile
-from ..base import BuiltComponent, ComponentInputs, SubjectError
+from ..base import ABSENT, BuiltComponent, ComponentInputs, SubjectError
 from ..capture import accepted_kwargs, capture_block_inputs
 from .loader import ComfyUI
 from .ops import plan, prepare_state_dict
@@ -118,7 +118,10 @@ def _flux_model(comfy: ComfyUI, d: flux.FluxDims, dtype, device) -> dict:
     if unknown:
         raise SubjectError(f"this ComfyUI's FluxParams needs fields the suite does not know: {unknown}")
     params = {k: v for k, v in params.items() if k in fields}
-    return dict(final_layer=False, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init, **params)
+    model = dict(dtype=dtype, device=device, operations=comfy.ops.disable_weight_init, **params)
+    if "final_layer" in inspect.signature(module.Flux.__init__).parameters:  # (2024-08 on; before, Flux always has one)
+        model["final_layer"] = False
+    return model
 
 
 def _flux_call(raw: flux.RawInputs) -> tuple[tuple, dict]:
@@ -245,8 +248,23 @@ class ComfyBlock:
         try:
             self.module = importlib.import_module(spec.module)
         except ImportError as error:
-            raise SubjectError(f"ComfyUI {comfy.version} has no {spec.module}: {error}") from error
-        self.model_cls = getattr(self.module, spec.model_class)
+            raise SubjectError(f"{ABSENT} ComfyUI {comfy.version}: no {spec.module} ({error})") from error
+        self.model_cls = getattr(self.module, spec.model_class, None)
+        if self.model_cls is None:
+            raise SubjectError(f"{ABSENT} ComfyUI {comfy.version}: {spec.module} has no {spec.model_class}")
+        self._probe()
+
+    def _probe(self) -> None:
+        """Build the model shell and the block on the meta device once, so a version whose signatures the adapter does
+        not match is named at load with what differs, instead of failing every case."""
+        dims = self.spec.dims("tiny")
+        try:
+            self._model(dims, torch.float32, "meta")
+            self._block(dims, torch.float32, "meta", self.comfy.ops.disable_weight_init)
+        except Exception as error:  # noqa: BLE001 - any failure to build is the reason this component cannot run
+            raise SubjectError(
+                f"the suite's adapter cannot build {self.component} on ComfyUI {self.comfy.version}: {type(error).__name__}: {error}"
+            ) from error
 
     def _model(self, dims, dtype, device):
         return self.model_cls(**accepted_kwargs(self.model_cls.__init__, self.spec.empty_model(self.comfy, dims, dtype, device)))

@@ -32,7 +32,7 @@ from ...backends import BackendSupport, CallCounter
 from ...families import vae
 from ...precision import Precision
 from ...profiles import Profile
-from ..base import BuiltComponent, ComponentInputs, SubjectError
+from ..base import ABSENT, BuiltComponent, ComponentInputs, SubjectError
 from .attention import catch_fallbacks, spy_kernel
 from .loader import ComfyUI
 
@@ -109,7 +109,13 @@ class ComfyVae:
         try:
             importlib.import_module(spec.module)
         except ImportError as error:
-            raise SubjectError(f"ComfyUI {comfy.version} has no {spec.module}: {error}") from error
+            raise SubjectError(f"{ABSENT} ComfyUI {comfy.version}: no {spec.module} ({error})") from error
+        try:  # build the decoder on the meta device once: a signature the adapter does not match is named here
+            self._meta_model("tiny")
+        except Exception as error:  # noqa: BLE001 - any failure to build is the reason this component cannot run
+            raise SubjectError(
+                f"the suite's adapter cannot build {self.component} on ComfyUI {comfy.version}: {type(error).__name__}: {error}"
+            ) from error
 
     def _meta_model(self, scale: str) -> nn.Module:
         with torch.device("meta"):
