@@ -51,11 +51,24 @@ def suite(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "suites", "--report-dir", f"{REPORTS}/suite", *session.posargs, success_codes=[0, 5])
 
 
+# The Triton kernels run under Triton's interpreter on a CPU (TRITON_INTERPRET=1). A CPU torch has no triton; this
+# pinned one is installed for that step only where torch is a CPU build (a CUDA torch brings its own).
+TRITON_FOR_CPU = "triton==3.8.0"
+
+
 @nox.session(venv_params=VENV)
 def tests(session: nox.Session) -> None:
-    """The harness' own tests with the CI pins (stable goldens), then the benchmarks once each, untimed (smoke)."""
+    """The harness' own tests with the CI pins (stable goldens), the kernel tests under Triton's interpreter, then the
+    benchmarks once each, untimed (smoke)."""
     _install(session, constraints=True)
     session.run("python", "-m", "pytest", "tests", "--hypothesis-profile=ci", f"--junitxml={REPORTS}/tests/junit.xml", *session.posargs, success_codes=[0, 5])
+    cpu_torch = "None" in str(session.run("python", "-c", "import torch; print(torch.version.cuda)", silent=True))
+    if cpu_torch:
+        session.install(TRITON_FOR_CPU)
+        session.run(
+            "python", "-m", "pytest", "tests/test_kernels.py", "-q", f"--junitxml={REPORTS}/tests/junit-triton-interpreter.xml",
+            env={"TRITON_INTERPRET": "1"},
+        )  # fmt: skip
     session.run("python", "-m", "pytest", "benchmarks", "-m", "bench", "--benchmark-disable", "-q", success_codes=[0, 5])
 
 

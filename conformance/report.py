@@ -11,9 +11,8 @@ from xml.etree import ElementTree as ET
 
 import torch
 
-from .machine import cpu_path
-
 from .atomic import write_text
+from .machine import cpu_path
 from .results import CaseResult
 
 SCHEMA_VERSION = 1
@@ -103,6 +102,17 @@ def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
         for r in bad:
             lines.append(f"- `{r.id}` **{r.outcome}**: {r.reason}")
         lines.append("")
+    stale = [r for r in results if r.outcome == "passed" and r.expected_failure]
+    if stale:
+        lines += ["## Stale expected failures", "", "Declared non-strict in `fixtures/expected_failures.toml` and passed here:", ""]
+        by_entry = Counter(r.expected_failure["index"] for r in stale)
+        for index, n in sorted(by_entry.items()):
+            example = next(r.id for r in stale if r.expected_failure["index"] == index)
+            lines.append(f"- expected[{index}]: {n} case(s) passed, e.g. `{example}`")
+        lines.append("")
+    identity = run.get("golden_identity")
+    if identity:
+        lines += [f"Goldens keyed by `{identity.get('identity')}` ({identity.get('from')}).", ""]
     skipped = Counter(r.reason for r in results if r.outcome == "skipped")
     if skipped:
         lines += ["## Skipped", "", "| cases | reason |", "|---|---|"]
