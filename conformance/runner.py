@@ -190,16 +190,16 @@ class Engine:
             golden = self._make_golden(key, store, existing, weights_sha, command)
         return self._goldens.put(key.id, golden)
 
-    def _golden_outputs(self, key: GoldenKey, inputs: ComponentInputs) -> dict[str, torch.Tensor]:
+    def _golden_outputs(self, key: GoldenKey, inputs: ComponentInputs, why: str = "computing") -> dict[str, torch.Tensor]:
         backend = self.subject.golden_backend_for(key.component)
-        self.options.progress(f"computing golden {key.id} in float64 on CPU ({backend} attention)")
+        self.options.progress(f"{why} golden {key.id} in float64 on CPU ({backend} attention)")
         start = time.perf_counter()
         run = self.forward(key.component, key.scale, None, backend, inputs, device=torch.device("cpu"), probes=False)
         self.golden_seconds += time.perf_counter() - start
         return run.outputs
 
     def _confirm(self, golden: Golden, weights_sha: str) -> None:
-        outputs = self._golden_outputs(golden.key, self._stored_inputs(golden))
+        outputs = self._golden_outputs(golden.key, self._stored_inputs(golden), "another process created it; recomputing")
         agree, ulps = outputs_agree(golden.outputs, outputs)
         if not agree:
             raise GoldenConflict(

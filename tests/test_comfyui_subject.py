@@ -298,3 +298,24 @@ def test_vae_tiled_decode_uses_comfyuis_tiler(eng, monkeypatch):
         assert 1e-3 < rel < 0.9, rel
     assert (999, 6, 6) in calls  # Wan: decode_tiled_3d's (t, y, x) tiles
     assert {(12, 3), (3, 12), (6, 6)} <= set(calls)  # FLUX: decode_tiled_'s three tilings, (y, x)
+
+
+def test_an_adapter_that_cannot_build_is_named_once_as_the_skip_reason(eng, monkeypatch):
+    """A version whose signatures the adapter does not match: the component is not offered, its cases stay in the
+    matrix, skipped with what differs (the gate sees a component that ran before and no longer builds)."""
+    import dataclasses
+
+    from conformance.matrix import build_matrix
+    from conformance.subjects.base import SubjectError
+    from conformance.subjects.comfyui.blocks import SPECS, ComfyBlock
+
+    def old_signature(*args, **kwargs):
+        raise TypeError("FluxParams.__init__() got an unexpected keyword argument 'final_layer'")
+
+    spec = dataclasses.replace(SPECS["flux.double"], make_block=old_signature)
+    with pytest.raises(SubjectError, match="the suite's adapter cannot build flux.double on ComfyUI .*: TypeError: FluxParams"):
+        ComfyBlock(eng.subject.comfy, spec)
+    monkeypatch.setitem(eng.subject.missing_components, "flux.double", "the suite's adapter cannot build flux.double: TypeError: x")
+    monkeypatch.delitem(eng.subject._components, "flux.double")
+    entries = [e for e in build_matrix(eng.subject, CPU) if e.case.component == "flux.double"]
+    assert entries and all(e.skip_reason == "flux.double: the suite's adapter cannot build flux.double: TypeError: x" for e in entries)

@@ -11,7 +11,7 @@ from conformance.case import Case
 from conformance.compare import Budget, Evidence, budget_for, judge, load_budgets, metrics, worst
 from conformance.expectations import ExpectationsError, parse_entry
 
-BUDGET = Budget("fp16", rel_l2=2e-3, max_abs_rel=1e-2, backend_k=3.0, ratchet_margin=0.1, provenance="test")
+BUDGET = Budget("fp16", rel_l2=2e-3, max_abs_rel=1e-2, backend_k=3.0, provenance="test")
 GOOD = {"rel_l2": 4e-4, "max_abs": 1e-3, "max_abs_rel": 1e-3, "cosine": 0.9999999, "sqnr_db": 68.0}
 
 

@@ -217,7 +217,7 @@ def test_a_golden_that_disagrees_with_this_process_is_a_conflict(tmp_path, monke
     store = eng.options.local_store
     made = engine(tmp_path, committed=tmp_path / "empty").golden("qwen.block", "tiny", "nominal")
     before = made.path.read_bytes()
-    monkeypatch.setattr(eng, "_golden_outputs", lambda key, inputs: {n: t + 1e-3 for n, t in made.outputs.items()})
+    monkeypatch.setattr(eng, "_golden_outputs", lambda key, inputs, why="":  {n: t + 1e-3 for n, t in made.outputs.items()})
     real_load, calls = store.load, []
 
     def first_misses(*args, **kwargs):
