@@ -293,7 +293,7 @@ def failures_of(ev: Evidence, budget: Budget) -> tuple[list[Failure], list[str]]
 
 
 def judge(ev: Evidence, budget: Budget, declared=None) -> Verdict:
-    """The case's verdict. ``declared`` (an ``expectations.ExpectedFailure`` or None): the case is then ``xfailed``
+    """The case's verdict. ``declared`` (``expectations.Declared``, an ``ExpectedFailure``, or None): the case is then ``xfailed``
     only if it fails exactly as declared (kinds, location, ceilings); any other failure is ``expected failure
     changed``; a pass fails a strict declaration and is noted as stale for a non-strict one."""
     failures, notes = failures_of(ev, budget)

@@ -12,7 +12,8 @@ fails:
   (``{ comfyui = ">=0.3.50,<=0.3.64" }``); another version is not covered, its cases are judged plainly;
 * ``measured``: where and when the numbers were measured; ``reason``: why it fails.
 
-A case that matches is ``xfailed`` only if it fails that way; a failure of another kind, at another place, above a
+A case that matches is ``xfailed`` only if it fails that way (where several entries match, as a sage case on a stress
+profile does, their kinds and ceilings are read together: ``Declared``); a failure of another kind, at another place, above a
 ceiling, or one that is never declarable (a backend that did not run, a fallback, inputs built differently) fails it
 with "expected failure changed: ...". A strict declaration whose case passes fails; a non-strict one is reported as
 stale.
@@ -161,8 +162,53 @@ def load_expected_failures(path: Path) -> list[ExpectedFailure]:
     return [parse_entry(raw, i, str(path)) for i, raw in enumerate(data.get("expected", []))]
 
 
-def expected_failure_for(case: Case, declared: list[ExpectedFailure], version: str | None = None) -> ExpectedFailure | None:
-    return next((d for d in declared if d.matches(case, version)), None)
+@dataclass(frozen=True)
+class Declared:
+    """Every declaration that matches one case, read together: a failure is expected when one of them declares its
+    kind (at its place, where that declaration names one), and a metric may reach the largest ceiling any of them
+    sets for it. (A sage case on a stress profile fails both ways: the profile's and the kernel's.)"""
+
+    entries: tuple[ExpectedFailure, ...]
+
+    @property
+    def strict(self) -> bool:
+        return any(e.strict for e in self.entries)
+
+    @property
+    def reason(self) -> str:
+        return " | ".join(e.reason for e in self.entries)
+
+    def summary(self) -> str:
+        return "; ".join(e.summary() for e in self.entries)
+
+    def as_dict(self) -> dict:
+        return {"entries": [e.as_dict() for e in self.entries], "index": [e.index for e in self.entries], "strict": self.strict}
+
+    def differences(self, failures: Sequence[Failure], metrics: Mapping[str, float]) -> list[str]:
+        changes: list[str] = []
+        kinds = {k for e in self.entries for k in e.kinds}
+        for failure in failures:
+            if failure.kind not in kinds:
+                changes.append(f"a {failure.kind} failure ({failure.message}); declared {'/'.join(sorted(kinds))}")
+            elif failure.kind in LOCATED_KINDS:
+                places = {e.at for e in self.entries if failure.kind in e.kinds}
+                if None not in places and failure.at not in places:
+                    changes.append(f"{failure.kind} at {failure.at}, declared at {' or '.join(sorted(places))}")
+        ceilings: dict[str, float] = {}
+        for entry in self.entries:
+            for metric, ceiling in entry.ceiling.items():
+                ceilings[metric] = max(ceiling, ceilings.get(metric, ceiling))
+        for metric, ceiling in ceilings.items():
+            value = metrics.get(metric)
+            if value is not None and not math.isnan(value) and value > ceiling:
+                changes.append(f"{metric} {value:.3g} above the declared ceiling {ceiling:g}")
+        return changes
+
+
+def expected_failure_for(case: Case, declared: list[ExpectedFailure], version: str | None = None) -> Declared | None:
+    """The declarations that cover ``case`` at ``version`` (None: none does)."""
+    matching = tuple(d for d in declared if d.matches(case, version))
+    return Declared(matching) if matching else None
 
 
 def load_ratchet(path: Path | None) -> dict[str, float]:

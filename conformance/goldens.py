@@ -42,12 +42,12 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -248,11 +248,20 @@ class GoldenStore:
             yield
 
     @contextlib.contextmanager
-    def creating(self, key: GoldenKey) -> Iterator[None]:
+    def creating(self, key: GoldenKey, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
         """One golden's lock: held from 'is it there?' to its write, so a golden is computed once however many
-        processes ask for it at the same time."""
-        with FileLock(self._lock_path(key.relpath.replace("/", "__"))):
+        processes ask for it at the same time. ``on_wait`` is told once when another process holds it."""
+        lock = FileLock(self._lock_path(key.relpath.replace("/", "__")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait(f"waiting for golden {key.id}: another process is creating it (lock {lock.lock_file})")
+            lock.acquire()
+        try:
             yield
+        finally:
+            lock.release()
 
     def manifest(self) -> dict:
         if not self.manifest_path.exists():

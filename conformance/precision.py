@@ -130,6 +130,20 @@ def quantize_per_tensor(weight: torch.Tensor, dtype: torch.dtype = E4M3) -> tupl
     return q, scale, stats
 
 
+def saturating_cast(weight: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, QuantStats]:
+    """Unscaled fp8 storage, the same bits on every device: clamp to the format's range, then round, on the CPU.
+
+    A bare ``.to(float8_e4m3fn)`` is not device-independent: torch's CPU kernels saturate out-of-range values at 448,
+    its CUDA kernels make them NaN (e4m3fn has no inf). ComfyUI's own fp8 rounding (``comfy/float.py``) clamps to
+    the format's range, as this does."""
+    fmax = torch.finfo(dtype).max
+    w = weight.detach().to("cpu", torch.float32)
+    q = w.clamp(-fmax, fmax).to(dtype)
+    qf = q.float()
+    stats = QuantStats(numel=w.numel(), saturated=int((w.abs() > fmax).sum()), flushed_to_zero=int(((qf == 0) & (w != 0)).sum()), scale=1.0)
+    return q, stats
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize with one rounding: the product is formed in float32 and rounded once to ``dtype``."""
     return (q.float() * scale.float()).to(dtype)

@@ -105,9 +105,9 @@ def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
     stale = [r for r in results if r.outcome == "passed" and r.expected_failure]
     if stale:
         lines += ["## Stale expected failures", "", "Declared non-strict in `fixtures/expected_failures.toml` and passed here:", ""]
-        by_entry = Counter(r.expected_failure["index"] for r in stale)
+        by_entry = Counter(i for r in stale for i in r.expected_failure["index"])
         for index, n in sorted(by_entry.items()):
-            example = next(r.id for r in stale if r.expected_failure["index"] == index)
+            example = next(r.id for r in stale if index in r.expected_failure["index"])
             lines.append(f"- expected[{index}]: {n} case(s) passed, e.g. `{example}`")
         lines.append("")
     identity = run.get("golden_identity")

@@ -175,7 +175,7 @@ class Engine:
             except GoldenMissing:
                 if store is not self.options.local_store:
                     raise
-        with store.creating(key):
+        with store.creating(key, on_wait=self.options.progress):
             try:
                 existing = store.load(key, weights_sha, command)
             except GoldenMissing:

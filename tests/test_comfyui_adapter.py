@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from conformance.families.qwen import comfyui_inputs_to_diffusers
-from conformance.precision import dequantize, quantize_blockwise
+from conformance.precision import dequantize, quantize_blockwise, saturating_cast
 from conformance.subjects import SubjectError, load_subject
 from conformance.subjects.base import SubjectInfo
-from conformance.subjects.comfyui.attention import FALLBACK_PATTERNS
 from conformance.subjects.comfyui.loader import git_state, load, read_version
 
 
@@ -96,16 +95,12 @@ def test_blockwise_quantizer_layout_and_error():
         quantize_blockwise(torch.ones(4, 100), 64)
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        "Error running sage attention: Input tensors must be in dtype of torch.float16 or torch.bfloat16, using pytorch attention instead.",
-        "Flash Attention failed, using default SDPA: Mask must not be set for Flash attention",
-        "Exception during fp8 op: _scaled_mm not supported",
-    ],
-)
-def test_fallback_patterns_match_comfyuis_log_lines(message):
-    assert any(p.search(message) for p in FALLBACK_PATTERNS)
+def test_unscaled_fp8_storage_saturates_and_is_made_on_the_cpu():
+    w = torch.tensor([1e5, -1e5, 500.0, 447.0, 1e-12, 0.0])
+    q, stats = saturating_cast(w)
+    assert q.dtype == torch.float8_e4m3fn and q.device.type == "cpu"
+    assert q.float().tolist()[:4] == [448.0, -448.0, 448.0, 448.0]  # 447 rounds to the nearest e4m3 value, 448
+    assert stats.saturated == 3 and stats.flushed_to_zero == 1 and not torch.isnan(q.float()).any()
 
 
 def test_a_kernel_package_built_for_another_torch_is_a_skip_reason(tmp_path, monkeypatch):
@@ -127,14 +122,31 @@ def test_a_kernel_package_built_for_another_torch_is_a_skip_reason(tmp_path, mon
     assert "fakekernels" not in sys.modules  # decided without importing it
 
 
-def test_committed_expected_failures_load_and_carry_their_provenance():
+def test_every_committed_declaration_names_real_axis_values():
+    """A typo in a declaration (a profile, backend or component that does not exist) would match nothing and hide
+    nothing: every value must name something the matrix has."""
+    from conformance.backends import BACKENDS
     from conformance.expectations import load_expected_failures
+    from conformance.families import FAMILIES, family_of, profile_family, vae
+    from conformance.guards import GUARD_NAMES
     from conformance.paths import EXPECTED_FAILURES_FILE
+    from conformance.precision import PRECISIONS
+    from conformance.profiles import load_profiles
+    from conformance.subjects import SUBJECTS
 
+    components = {c for module in FAMILIES.values() for c in module.COMPONENTS} | set(vae.COMPONENTS)
+    profiles = {p for c in components for p in load_profiles(profile_family(c))}
+    known = {
+        "subject": set(SUBJECTS), "family": set(FAMILIES), "component": components, "scale": {"tiny", "real"},
+        "precision": set(PRECISIONS), "backend": set(BACKENDS), "profile": profiles, "guard": set(GUARD_NAMES),
+    }  # fmt: skip
     declared = load_expected_failures(EXPECTED_FAILURES_FILE)
-    assert declared, "the file declares the measured sage failures"
     for entry in declared:
-        assert entry.reason and entry.measured and entry.kinds and entry.versions
+        for field, values in entry.match.items():
+            assert set(values) <= known[field], f"expected[{entry.index}].{field}: {sorted(set(values) - known[field])} do not exist"
+        assert set(entry.versions) <= set(SUBJECTS)
+        for component in entry.match.get("component", ()):
+            assert family_of(component) in entry.match.get("family", (family_of(component),))
 
 
 def test_expected_failure_matching(tmp_path):

@@ -108,6 +108,24 @@ def test_sage_and_flash_skip_without_their_packages(eng):
     assert "math" not in [b for b in ("math",) if eng.subject.backend_support(b, CPU).available]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("precision", ["fp8_e4m3", "fp8_mm"])
+def test_unscaled_fp8_weights_beyond_the_range_are_stored_saturated(eng, precision, device):
+    """massive_growth scales rows of the output projections by 1e5: stored unscaled in e4m3 they must read +-448
+    on every device (a bare cast on CUDA makes them NaN, on the CPU 448)."""
+    precision = get_precision(precision)
+    if precision.not_supported_reasons(CPU):
+        pytest.skip("; ".join(precision.not_supported_reasons(CPU)))
+    weights = dict(eng.weights("qwen.block", "tiny", "massive_growth"))
+    big = weights["attn.to_out.0.weight"]
+    assert big.abs().max() > 448
+    built = eng.subject.build("qwen.block", "tiny", precision, weights, torch.device(device))
+    stored = built.module.attn.to_out[0].weight.cpu()
+    assert stored.dtype == torch.float8_e4m3fn and not torch.isnan(stored.float()).any()
+    assert torch.equal(stored.float(), big.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    assert any("saturating" in note and "0 values" not in note for note in built.notes)
+
+
 @pytest.mark.parametrize("precision", ["fp8_e4m3", "fp8_scaled", "fp8_block"])
 def test_fp8_variants_use_comfyuis_ops(eng, precision):
     built = eng.subject.build("qwen.block", "tiny", get_precision(precision), eng.weights("qwen.block", "tiny"), CPU)
@@ -319,3 +337,24 @@ def test_an_adapter_that_cannot_build_is_named_once_as_the_skip_reason(eng, monk
     monkeypatch.delitem(eng.subject._components, "flux.double")
     entries = [e for e in build_matrix(eng.subject, CPU) if e.case.component == "flux.double"]
     assert entries and all(e.skip_reason == "flux.double: the suite's adapter cannot build flux.double: TypeError: x" for e in entries)
+
+
+def test_fallback_patterns_match_every_fallback_log_line_in_comfyuis_source(eng):
+    """The log lines ComfyUI writes when it abandons a kernel (attention fallbacks, fp8 ops), read from this checkout's
+    own source and formatted with an error: each one is caught as a fallback."""
+    import re
+    from pathlib import Path
+
+    from conformance.subjects.comfyui.attention import FALLBACK_PATTERNS
+
+    root = Path(eng.subject.comfy.path) / "comfy"
+    call = re.compile(r"logging\.(?:error|warning|info)\((f?)([\"'])(.*?)\2")
+    lines = []
+    for path in (root / "ldm" / "modules" / "attention.py", root / "ops.py"):
+        for match in call.finditer(path.read_text()):
+            text = match.group(3)
+            if re.search(r"(?i)(attention|fp8)", text) and re.search(r"(?i)(fail|error|exception|instead)", text):
+                lines.append(re.sub(r"\{[^}]*\}", "RuntimeError: boom", text))
+    assert lines, "no fallback log line found in ComfyUI's attention.py / ops.py"
+    missed = [line for line in lines if not any(p.search(line) for p in FALLBACK_PATTERNS)]
+    assert not missed, missed

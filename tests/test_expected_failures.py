@@ -33,7 +33,7 @@ def test_a_nan_that_moves_from_the_input_into_attn_to_q_is_no_longer_the_expecte
     monkeypatch.setattr(eng, "_stored_inputs", with_nan_input)
     entered = eng.run(CASE)
     assert entered.outcome == "xfailed", entered.reason
-    assert entered.first_nonfinite["module"] == "input" and entered.expected_failure["index"] == 0
+    assert entered.first_nonfinite["module"] == "input" and entered.expected_failure["index"] == [0]
     monkeypatch.setattr(eng, "_stored_inputs", stored)
 
     build = eng.subject.build

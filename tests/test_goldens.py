@@ -233,19 +233,31 @@ def test_a_golden_that_disagrees_with_this_process_is_a_conflict(tmp_path, monke
 
 
 def test_concurrent_creators_compute_a_golden_once(tmp_path):
-    """Two processes asking for the same missing golden at once: one creates it, the other confirms it."""
+    """Two processes asking for the same missing golden at once: one creates it, the other confirms it. This
+    process holds the golden's lock until both have found it missing and are waiting for it, so the race is real
+    whatever the start-up skew of the two."""
     script = textwrap.dedent(
         f"""
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         from tests.helpers import engine
         from pathlib import Path
-        eng = engine(Path({str(tmp_path)!r}), committed=Path({str(tmp_path / "empty")!r}))
+        eng = engine(Path({str(tmp_path)!r}), committed=Path({str(tmp_path / "empty")!r}), progress=lambda m: print("PROGRESS", m, flush=True))
         eng.golden("qwen.block", "tiny", "nominal")
         print("ACTIONS", [c.action for c in eng.golden_changes])
         """
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    parent = engine(tmp_path, committed=tmp_path / "empty")
+    key = parent.golden_key("qwen.block", "tiny", "nominal")
+    with parent.options.local_store.creating(key):
+        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        seen = [[] for _ in procs]
+        for proc, lines in zip(procs, seen):
+            for line in proc.stdout:
+                lines.append(line)
+                if "waiting for golden" in line:
+                    break
+            assert "waiting for golden" in "".join(lines), (lines, proc.stderr.read()[-2000:])
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     actions = sorted(line for out, _ in outs for line in out.splitlines() if line.startswith("ACTIONS"))

@@ -24,20 +24,30 @@ def main(dirs: list[str]) -> int:
             declared = case.get("expected_failure")
             if not declared:
                 continue
-            e = entries[declared["index"]]
-            e["cases"] += 1
-            e["outcomes"][case["outcome"]] += 1
-            e["versions"].add(f"{case['subject']} {version}")
-            for f in case.get("failure_kinds") or []:
-                if f["kind"] != "expectation":
-                    e["kinds"][(f["kind"], f.get("at"))] += 1
-            for metric in ("rel_l2", "max_abs_rel"):
-                value = (case.get("metrics") or {}).get(metric)
-                if value is not None and not math.isnan(value):
-                    if value > e["worst"].get(metric, (-1, ""))[0]:
-                        e["worst"][metric] = (value, case["id"])
-            if case["outcome"] != "xfailed":
-                e["other"].append(f"{case['outcome']}: {case['id']}: {case['reason'][:300]}")
+            indices = declared["index"] if isinstance(declared["index"], list) else [declared["index"]]
+            for index in indices:
+                record(entries[index], case, version)
+    report(entries)
+    return 0
+
+
+def record(e: dict, case: dict, version: str | None) -> None:
+    e["cases"] += 1
+    e["outcomes"][case["outcome"]] += 1
+    e["versions"].add(f"{case['subject']} {version}")
+    for f in case.get("failure_kinds") or []:
+        if f["kind"] != "expectation":
+            e["kinds"][(f["kind"], f.get("at"))] += 1
+    for metric in ("rel_l2", "max_abs_rel"):
+        value = (case.get("metrics") or {}).get(metric)
+        if value is not None and not math.isnan(value):
+            if value > e["worst"].get(metric, (-1, ""))[0]:
+                e["worst"][metric] = (value, case["id"])
+    if case["outcome"] != "xfailed":
+        e["other"].append(f"{case['outcome']}: {case['id']}: {case['reason'][:300]}")
+
+
+def report(entries: dict) -> None:
     for index in sorted(entries):
         e = entries[index]
         print(f"expected[{index}]: {e['cases']} cases, {dict(e['outcomes'])}, {sorted(e['versions'])}")
@@ -47,7 +57,6 @@ def main(dirs: list[str]) -> int:
             print(f"    worst {metric} {value:.4g} ({case_id})")
         for line in e["other"][:8]:
             print(f"    {line}")
-    return 0
 
 
 if __name__ == "__main__":

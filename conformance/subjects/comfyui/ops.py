@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...precision import E4M3, Precision, QuantStats, quantize_blockwise, quantize_per_tensor
+from ...precision import E4M3, Precision, QuantStats, quantize_blockwise, quantize_per_tensor, saturating_cast
 from .loader import ComfyUI
 
 
@@ -109,9 +109,18 @@ def plan(comfy: ComfyUI, precision: Precision | None) -> OpsPlan:
 
 
 def prepare_state_dict(module: nn.Module, state: dict[str, torch.Tensor], the_plan: OpsPlan) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Quantize the linears' weights for scaled plans; other plans load as is (load_state_dict casts)."""
+    """Quantize the linears' weights for scaled plans; for unscaled fp8 plans cast every parameter the module stores
+    in e4m3 with ``saturating_cast`` (device-independent bits); other plans load as is (load_state_dict casts)."""
     if the_plan.quantize is None:
-        return state, []
+        if the_plan.dtype != E4M3:
+            return state, []
+        stored = module.state_dict()
+        out, saturated = dict(state), 0
+        for key, tensor in state.items():
+            if stored[key].dtype == E4M3 and tensor.dtype != E4M3:
+                out[key], stats = saturating_cast(tensor)
+                saturated += stats.saturated
+        return out, [f"parameters cast to float8_e4m3fn on the CPU, saturating ({saturated} values beyond +-448 stored as +-448)"]
     out = dict(state)
     saturated = flushed = layers = 0
     for name, layer in module.named_modules():
