@@ -5,7 +5,8 @@ subject's guard does (diffusers' ``x.clip(-65504, 65504)``, ComfyUI's ``torch.na
 neginf=-65504)`` in fp16) together with what the guard spy wants to know about it. In torch each is several full
 passes over the tensor (``isfinite`` alone is four kernels, then ``isnan``, ``where`` + ``amax``, ``==``, the clamp
 and a comparison for the changed count); at real scale that is most of the probes' cost. On CUDA, with triton, the
-kernels here read each element once (and write it once, for the clamp), and keep every count exact.
+kernels here read each element once from memory (and write it once, for the clamp: a tile it must repair is read
+again from the cache), and keep every count exact.
 
 Statistics come back as a float64 tensor on the input's device, never synchronised with the host:
 ``[nonfinite, nan, max finite |x|, saturated]`` exactly as ``tensor_stats`` defines them (saturated counts
@@ -52,6 +53,11 @@ NUM_WARPS = 8
 PROGRAMS_PER_SM = 4  # persistent grid: at most this many programs per SM, each striding over the tensor's tiles
 REDUCE_LANES = 256  # a tensor's last program reads its partials in chunks of this many columns
 INTERPRETER_PROGRAMS = 3  # under TRITON_INTERPRET=1 there are no SMs; an odd count makes the grid-stride loop uneven
+# The clamp's own shape: one-warp programs, so that its per-tile test (a max over the tile) is a warp shuffle and no
+# barrier (``_triton_kernels`` says why), many of them per SM for loads in flight.
+CLAMP_TILE_BYTES = 4096  # one warp's loop step: eight 16-byte vectors per thread
+CLAMP_NUM_WARPS = 1
+CLAMP_PROGRAMS_PER_SM = 16
 
 
 def finite_stats(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -345,49 +351,88 @@ def _torch_clamp_with_stats(x: torch.Tensor, bound: float, replacement: float | 
 
 
 def _triton_clamp(x: torch.Tensor, bound: float, replacement: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the clamp kernels on ``x``. Returns (out, ``[*STATS, touched]``)."""
-    x = x.detach()
-    source = memory_order_view(x)
-    if source is not None:
+    """Run the clamp kernel on ``x``. Returns (out, ``[*STATS, touched]``).
+
+    One launch, through ``_Launcher`` once the kernel is compiled: the kernel's floor is the memory's rate (200 MiB
+    of fp16 through ``torch.nan_to_num``: 100 us of device time on an H200), and next to it the host's tens of
+    microseconds per call are what a synchronous guard call feels (a launch through ``kernel[grid](...)`` alone
+    costs 20-35 us on the lent machines' hosts; the old clamp made two). The input and
+    output are passed as addresses: a dense tensor's data pointer is the start of its block of memory in any dimension
+    order, and the output is made with the input's strides, so element ``i`` of one block maps to element ``i`` of the
+    other."""
+    if x.is_contiguous() or memory_order_view(x) is not None:  # read in place: no torch op on x, so no detach
+        source = x
         out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-        target = memory_order_view(out)
     else:
+        source = x.detach().contiguous()
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        target = out.view(-1)
-        source = x.contiguous().view(-1)
-    if x.numel() == 0:
+    n = x.numel()
+    if n == 0:
         return out, torch.zeros(len(CLAMP_STATS), dtype=torch.float64, device=x.device)
 
-    patterns = bit_patterns(x.dtype)
-    limit_bits = _bits(bound, x.dtype)
-    kernels = _triton_kernels()
-    with _on_device(x.device):
-        block = TILE_BYTES // x.element_size()
-        max_programs = _max_programs(x.device)
-        programs = min(-(-source.numel() // block), max_programs)
-        partials = torch.empty((len(CLAMP_STATS), programs), dtype=torch.float64, device=x.device)
-        stats = torch.empty(len(CLAMP_STATS), dtype=torch.float64, device=x.device)
-        kernels.clamp_partials[(programs,)](
-            source,
-            target,
-            partials,
-            source.numel(),
-            min(patterns.max, limit_bits + 1),  # a tile whose largest magnitude is below this has nothing to do
-            limit_bits,
-            _bits(-bound, x.dtype),
-            0 if replacement is None else _bits(replacement, x.dtype),
-            BITS=8 * x.element_size(),
-            INF_BITS=patterns.infinity,
-            MAX_BITS=patterns.max,
-            REPLACE_NAN=replacement is not None,
-            BLOCK=block,
-            VEC=VECTOR_BYTES // x.element_size(),
-            num_warps=NUM_WARPS,
-        )
-        kernels.reduce_partials[(1,)](
-            partials, stats, programs, NUM_STATS=len(CLAMP_STATS), BLOCK_P=kernels.next_power_of_2(max_programs)
+    device = x.device
+    limit_bits, negative_limit_bits, nan_bits = _clamp_bits(bound, replacement, x.dtype)
+    with _on_device(device):
+        stats = torch.empty(len(CLAMP_STATS), dtype=torch.float64, device=device)
+        scratch = _clamp_scratch(device)
+        programs = min(-(-n // (CLAMP_TILE_BYTES // x.element_size())), _max_programs(device, CLAMP_PROGRAMS_PER_SM))
+        _clamp_launcher()(
+            programs,
+            device,
+            (source.data_ptr(), out.data_ptr(), scratch.data_ptr(), stats.data_ptr()),
+            lambda: (memory_order_view(source), memory_order_view(out), scratch, stats),
+            (n, limit_bits, negative_limit_bits, nan_bits),
+            _clamp_constexprs(x.dtype, replacement is not None),
         )
     return out, stats
+
+
+def _clamp_bits(bound: float, replacement: float | None, dtype: torch.dtype) -> tuple[int, int, int]:
+    """The clamp's integer arguments: the bits of ``bound``, of ``-bound`` and of the replacement (0 when there is
+    none). Cached with the replacement keyed by its hex form: -0.0 equals 0.0 as a key, not as bits. The bound is
+    never -0.0 (``clamp_with_stats`` takes its ``abs``)."""
+    return _clamp_bits_of_hex(bound, None if replacement is None else replacement.hex(), dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _clamp_bits_of_hex(bound: float, replacement_hex: str | None, dtype: torch.dtype) -> tuple[int, int, int]:
+    nan_bits = 0 if replacement_hex is None else _bits(float.fromhex(replacement_hex), dtype)
+    return _bits(bound, dtype), _bits(-bound, dtype), nan_bits
+
+
+@functools.cache
+def _clamp_constexprs(dtype: torch.dtype, replace_nan: bool) -> dict:
+    """The constexpr arguments of ``clamp_with_stats_kernel``, one dict per combination for the life of the process
+    (its identity keys the compiled kernels in ``_Launcher``). Not to be changed."""
+    size = dtype.itemsize
+    patterns = bit_patterns(dtype)
+    return dict(
+        BITS=8 * size, INF_BITS=patterns.infinity, MAX_BITS=patterns.max, REPLACE_NAN=replace_nan,
+        BLOCK=CLAMP_TILE_BYTES // size, SUB=32 * CLAMP_NUM_WARPS * VECTOR_BYTES // size, VEC=VECTOR_BYTES // size,
+    )  # fmt: skip
+
+
+_CLAMP_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+CLAMP_SCRATCH_SLOTS = 8  # int64: the completion counter, then the five statistics' accumulators (two spare)
+
+
+def _clamp_scratch(device: torch.device) -> torch.Tensor:
+    """The clamp's zeroed int64 scratch on ``device``'s current stream: a completion counter and the accumulators of
+    the five statistics, which every launch's last program reads and puts back to zero. Launches on one stream run in
+    order, so each has it to itself; another stream gets its own."""
+    key = _stream_key(device)
+    scratch = _CLAMP_SCRATCH.get(key)
+    if scratch is None:
+        with _SCRATCH_LOCK:
+            scratch = _CLAMP_SCRATCH.get(key)
+            if scratch is None:
+                scratch = _CLAMP_SCRATCH[key] = torch.zeros(CLAMP_SCRATCH_SLOTS, dtype=torch.int64, device=device)
+    return scratch
+
+
+@functools.cache
+def _clamp_launcher() -> "_Launcher":
+    return _Launcher(_triton_kernels().clamp_with_stats_kernel, num_warps=CLAMP_NUM_WARPS)
 
 
 def _triton_stats_many(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -524,8 +569,9 @@ class _Launcher:
     expected (another triton), under the interpreter, or while a launch hook is installed (a profiler), every call
     goes through triton."""
 
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel, num_warps: int = NUM_WARPS) -> None:
         self.kernel = kernel
+        self.num_warps = num_warps
         self.compiled: dict[tuple, object] = {}
 
     def __call__(self, grid: int, device: torch.device, addresses: tuple[int, ...], tensors, integers: tuple[int, ...], constexprs: dict) -> None:
@@ -537,7 +583,7 @@ class _Launcher:
         if compiled is not None and _no_launch_hooks():
             compiled.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(index), compiled.function, compiled.packed_metadata, None, None, None, *addresses, *integers, *constexprs.values())
             return
-        compiled = self.kernel[(grid,)](*tensors(), *integers, **constexprs, num_warps=NUM_WARPS)
+        compiled = self.kernel[(grid,)](*tensors(), *integers, **constexprs, num_warps=self.num_warps)
         if device.type == "cuda" and not triton_interpreter() and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
             self.compiled[key] = compiled
 
@@ -608,10 +654,10 @@ def _stream_key(device: torch.device) -> tuple[int, int]:
     return (index, torch._C._cuda_getCurrentRawStream(index)) if index >= 0 else (-1, 0)
 
 
-def _max_programs(device: torch.device) -> int:
+def _max_programs(device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
-    return _multiprocessors(_device_index(device)) * PROGRAMS_PER_SM
+    return _multiprocessors(_device_index(device)) * per_sm
 
 
 @functools.cache
@@ -629,26 +675,35 @@ def _triton_kernels() -> types.SimpleNamespace:
     that tensor's partials (a completion counter per tensor, which that program puts back to zero), so the
     reductions of many tensors run side by side. On an H200 it reads 200 MiB of fp16 in about 58 us, 3.65 TB/s.
 
-    The clamp (``clamp_with_stats``) is ``clamp_partials`` plus ``reduce_partials``. ``clamp_partials`` runs a
-    persistent grid: program ``p`` of ``P`` reads tiles ``p, p + P, ...`` of ``BLOCK``
-    elements, each element once, and works on their bits: ``bits & ABS`` is the magnitude, and integer comparisons
-    with the dtype's max and inf patterns classify it (a NaN's magnitude is above inf's). A tile is
-    ``[BLOCK // VEC, VEC]``, one row per thread's 16-byte vector, so row reductions stay in registers and the
-    accumulators are per row (few registers: more programs resident, more loads in flight).
+    The clamp (``clamp_with_stats``) is ``clamp_with_stats_kernel``, one launch over a persistent grid of one-warp
+    programs: program ``p`` of ``P`` clamps tiles ``p, p + P, ...`` of ``BLOCK`` elements (``clamp_tile``; 4 KiB,
+    eight 16-byte vectors per thread, unmasked), and works on their bits: ``bits & ABS`` is the magnitude, and
+    integer comparisons with the dtype's max and inf patterns classify it (a NaN's magnitude is above inf's).
 
-    Most tiles hold nothing at or beyond the dtype's max and nothing for the clamp to change: one max over the
-    magnitudes decides that, and such a tile costs a mask and a max per element (the clamp stores it unchanged). Only
-    a tile holding such a value pays for the per-element counts and selects. Counts accumulate in int32 (a row adds
-    at most ``VEC`` per tile: no overflow below 2**28 tiles), the max as magnitude bits (exact). The program writes
-    every tile: values beyond the bound become the bound with their sign, NaN the replacement.
+    Most tiles hold nothing at or beyond the dtype's max and nothing for the clamp to change: the tile's largest
+    magnitude decides that, and such a tile is stored as read, its max kept (in triton 3.8's code for sm_90, for
+    16-bit dtypes, the mask and the max run on pairs of values: one ``LOP3`` and about one ``VIMNMX.U16x2`` per two
+    elements, between eight ``LDG.E.128`` and eight ``STG.E.128`` per thread). With one warp per program that max is
+    a warp reduction (``REDUX``) and the branch needs no barrier. The old clamp's 8-warp programs took a block-wide
+    max before every store, a shared-memory round trip and a barrier per tile, and ran at 0.81 of copy traffic (the
+    check, in that shape, read 1.75 TB/s, against 3.5-3.9 without the barrier).
 
-    At the end each program reduces its rows (int64 counts) and stores one float64 column of the ``[stats, P]``
-    partials; ``reduce_partials``, one program, sums the counts and takes the max across programs (float64: exact
-    below 2**53). Two launches, no atomics, no zero-fill.
+    A tile holding a value beyond the bound or at or beyond the dtype's max is clamped and counted by
+    ``clamp_counted``, one vector per thread at a time, read again from the cache that has just served it (memory
+    traffic stays one read and one write); the tensor's partial last tile always goes that way, masked, taken by the
+    program after the one with the last whole tile. Doing the per-element work at the whole tile's width made the
+    kernel 255 registers with spills; this way it is 57-62 (the same compiler), which leaves room for the 16 programs
+    per SM meant to keep enough loads in flight. Counts and the max are scalars per program (int64; the max as
+    magnitude bits: exact).
+
+    At the end each program adds its non-zero counts and its max to a scratch kept per device and stream (relaxed
+    integer atomics, all by one thread, then an acq_rel completion counter: exact in any order); the last program to
+    finish turns them into the float64 statistics and puts the scratch back to zero (``atomic_xchg``). One launch, no
+    zero-fill, no partials to reduce.
 
     ``tl`` is bound as a module global because triton resolves the names a kernel uses in its ``__globals__``.
     """
-    global tl, finite_stats_of_tiles
+    global tl, finite_stats_of_tiles, clamp_counted, clamp_tile
     import triton
     import triton.language as tl
 
@@ -715,12 +770,113 @@ def _triton_kernels() -> types.SimpleNamespace:
         return nonfinite, nan, largest.to(tl.float64), saturated
 
     @triton.jit
-    def clamp_partials(
+    def clamp_counted(
         x_ptr,
         out_ptr,
-        partials_ptr,
+        start,
+        n,
+        limit_bits,
+        negative_limit_bits,
+        nan_bits,
+        nonfinite,
+        nan,
+        saturated,
+        touched,
+        max_bits,
+        BITS: tl.constexpr,
+        INF_BITS: tl.constexpr,
+        MAX_BITS: tl.constexpr,
+        REPLACE_NAN: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SUB: tl.constexpr,
+        VEC: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
+        # The tile of BLOCK elements from element `start` clamped and counted element by element, SUB elements (one
+        # vector per thread) at a time: the program's running statistics (scalars) updated. MASKED: the tensor's last,
+        # partial tile.
+        same_width_int = tl.int16 if BITS == 16 else tl.int32
+        lanes = tl.arange(0, SUB // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        for sub in range(0, BLOCK, SUB):
+            offsets = start + sub + lanes
+            if MASKED:
+                raw = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
+            else:
+                raw = tl.load(x_ptr + offsets)
+            bits = raw.to(same_width_int, bitcast=True).to(tl.int32)  # sign-extended: negative iff the sign bit is set
+            magnitude = bits & ((1 << (BITS - 1)) - 1)
+            finite = magnitude < INF_BITS
+            is_nan = magnitude > INF_BITS
+            nonfinite += tl.sum(tl.sum(1 - finite.to(tl.int32), axis=1), axis=0)
+            nan += tl.sum(tl.sum(is_nan.to(tl.int32), axis=1), axis=0)
+            saturated += tl.sum(tl.sum((magnitude == MAX_BITS).to(tl.int32), axis=1), axis=0)
+            max_bits = tl.maximum(max_bits, tl.max(tl.max(tl.where(finite, magnitude, 0), axis=1), axis=0))
+            changed = (magnitude > limit_bits) & (magnitude <= INF_BITS)  # beyond the bound, not NaN
+            out_bits = tl.where(changed, tl.where(bits < 0, negative_limit_bits, limit_bits), bits)
+            if REPLACE_NAN:
+                out_bits = tl.where(is_nan, nan_bits, out_bits)
+                changed = changed | is_nan
+            touched += tl.sum(tl.sum(changed.to(tl.int32), axis=1), axis=0)
+            out = out_bits.to(same_width_int).to(raw.dtype, bitcast=True)
+            if MASKED:
+                tl.store(out_ptr + offsets, out, mask=offsets < n)
+            else:
+                tl.store(out_ptr + offsets, out)
+        return nonfinite, nan, saturated, touched, max_bits
+
+    @triton.jit
+    def clamp_tile(
+        x_ptr,
+        out_ptr,
+        start,
         n,
         fast_below,
+        limit_bits,
+        negative_limit_bits,
+        nan_bits,
+        nonfinite,
+        nan,
+        saturated,
+        touched,
+        max_bits,
+        BITS: tl.constexpr,
+        INF_BITS: tl.constexpr,
+        MAX_BITS: tl.constexpr,
+        REPLACE_NAN: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SUB: tl.constexpr,
+        VEC: tl.constexpr,
+    ):
+        # The full tile of BLOCK elements from element `start`, read with 16-byte vector loads. If its largest
+        # magnitude is below `fast_below`, it holds nothing at or beyond the dtype's max and nothing beyond the bound:
+        # it is stored as read, and only its max is kept (a masked max on pairs of 16-bit values, and a warp
+        # reduction: a few instructions per vector). Otherwise `clamp_counted` reads it again, from the cache that has
+        # just served it, and does the per-element work: at the whole tile's width that work would cost every tile
+        # its registers (255 and spills with eight vectors per thread), hence fewer programs resident and fewer loads
+        # in flight.
+        same_width_int = tl.int16 if BITS == 16 else tl.int32
+        lanes = tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+        raw = tl.load(x_ptr + start + lanes)
+        magnitude = raw.to(same_width_int, bitcast=True).to(tl.int32) & ((1 << (BITS - 1)) - 1)
+        tile_max = tl.max(tl.max(magnitude, axis=1), axis=0)  # one warp: registers, then a warp reduction
+        if tile_max < fast_below:
+            max_bits = tl.maximum(max_bits, tile_max)
+            tl.store(out_ptr + start + lanes, raw)
+        else:
+            nonfinite, nan, saturated, touched, max_bits = clamp_counted(
+                x_ptr, out_ptr, start, n, limit_bits, negative_limit_bits, nan_bits,
+                nonfinite, nan, saturated, touched, max_bits,
+                BITS, INF_BITS, MAX_BITS, REPLACE_NAN, BLOCK, SUB, VEC, False,
+            )  # fmt: skip
+        return nonfinite, nan, saturated, touched, max_bits
+
+    @triton.jit(do_not_specialize=["n", "limit_bits", "negative_limit_bits", "nan_bits"])
+    def clamp_with_stats_kernel(
+        x_ptr,
+        out_ptr,
+        scratch_ptr,  # int64 [8], zero: the completion counter, then the accumulators of the five statistics
+        stats_ptr,  # float64 [5]
+        n,
         limit_bits,
         negative_limit_bits,
         nan_bits,
@@ -729,63 +885,58 @@ def _triton_kernels() -> types.SimpleNamespace:
         MAX_BITS: tl.constexpr,
         REPLACE_NAN: tl.constexpr,
         BLOCK: tl.constexpr,
+        SUB: tl.constexpr,
         VEC: tl.constexpr,
     ):
-        same_width_int = tl.int16 if BITS == 16 else tl.int32
+        # Program `program` of `programs` clamps tiles program, program + programs, ... (full tiles unmasked: 16-byte
+        # vector loads and stores), and the program after the last full tile's takes the partial one. It adds its
+        # non-zero counts and its max to the scratch (integer atomics: exact, in any order); the last program to
+        # finish (the completion counter) turns the accumulators into the float64 statistics and puts the scratch back
+        # to zero for the next launch on this stream.
         program = tl.program_id(0).to(tl.int64)  # int64 tile indices and offsets: tensors past 2**31 elements
         programs = tl.num_programs(0)
-        lanes = tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-        nonfinite = tl.zeros([BLOCK // VEC], dtype=tl.int32)
-        nan = tl.zeros([BLOCK // VEC], dtype=tl.int32)
-        saturated = tl.zeros([BLOCK // VEC], dtype=tl.int32)
-        touched = tl.zeros([BLOCK // VEC], dtype=tl.int32)
-        max_bits = tl.zeros([BLOCK // VEC], dtype=tl.int32)  # largest finite magnitude, as bits
-        for tile in range(program, tl.cdiv(n, BLOCK), programs):
-            offsets = tile * BLOCK + lanes
-            in_bounds = offsets < n
-            raw = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0)
-            bits = raw.to(same_width_int, bitcast=True).to(tl.int32)  # sign-extended: negative iff the sign bit is set
-            magnitude = bits & ((1 << (BITS - 1)) - 1)
-            row_max = tl.max(magnitude, axis=1)
-            out = raw
-            if tl.max(row_max, axis=0) < fast_below:
-                max_bits = tl.maximum(max_bits, row_max)
+        fast_below = tl.minimum(limit_bits + 1, MAX_BITS)  # below both the bound's successor and the dtype's max
+        nonfinite = program * 0
+        nan = program * 0
+        saturated = program * 0
+        touched = program * 0
+        max_bits = (program * 0).to(tl.int32)  # largest finite magnitude, as bits
+        full = n // BLOCK
+        for tile in range(program, full, programs):
+            nonfinite, nan, saturated, touched, max_bits = clamp_tile(
+                x_ptr, out_ptr, tile * BLOCK, n, fast_below, limit_bits, negative_limit_bits, nan_bits,
+                nonfinite, nan, saturated, touched, max_bits, BITS, INF_BITS, MAX_BITS, REPLACE_NAN, BLOCK, SUB, VEC,
+            )  # fmt: skip
+        if (n % BLOCK != 0) & (program == full % programs):  # the partial tile: always counted element by element
+            nonfinite, nan, saturated, touched, max_bits = clamp_counted(
+                x_ptr, out_ptr, full * BLOCK, n, limit_bits, negative_limit_bits, nan_bits,
+                nonfinite, nan, saturated, touched, max_bits,
+                BITS, INF_BITS, MAX_BITS, REPLACE_NAN, BLOCK, SUB, VEC, True,
+            )  # fmt: skip
+        # most programs have nothing to count: only the max and the counter are contended
+        if nonfinite > 0:
+            tl.atomic_add(scratch_ptr + 1, nonfinite, sem="relaxed")
+        if nan > 0:
+            tl.atomic_add(scratch_ptr + 2, nan, sem="relaxed")
+        if max_bits > 0:
+            tl.atomic_max(scratch_ptr + 3, max_bits.to(tl.int64), sem="relaxed")
+        if saturated > 0:
+            tl.atomic_add(scratch_ptr + 4, saturated, sem="relaxed")
+        if touched > 0:
+            tl.atomic_add(scratch_ptr + 5, touched, sem="relaxed")
+        finished = tl.atomic_add(scratch_ptr, 1, sem="acq_rel")  # releases this program's sums, acquires the others'
+        if finished == programs - 1:
+            largest_bits = tl.atomic_xchg(scratch_ptr + 3, 0, sem="relaxed").to(tl.int32)
+            if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is float32's upper half: widened exactly, subnormals too
+                largest = (largest_bits << 16).to(tl.float32, bitcast=True)
             else:
-                finite = magnitude < INF_BITS
-                is_nan = magnitude > INF_BITS
-                nonfinite += tl.sum(1 - finite.to(tl.int32), axis=1)
-                nan += tl.sum(is_nan.to(tl.int32), axis=1)
-                saturated += tl.sum((magnitude == MAX_BITS).to(tl.int32), axis=1)
-                max_bits = tl.maximum(max_bits, tl.max(tl.where(finite, magnitude, 0), axis=1))
-                changed = (magnitude > limit_bits) & (magnitude <= INF_BITS)  # beyond the bound, not NaN
-                out_bits = tl.where(changed, tl.where(bits < 0, negative_limit_bits, limit_bits), bits)
-                if REPLACE_NAN:
-                    out_bits = tl.where(is_nan, nan_bits, out_bits)
-                    changed = changed | is_nan
-                touched += tl.sum(changed.to(tl.int32), axis=1)
-                out = out_bits.to(same_width_int).to(raw.dtype, bitcast=True)
-            tl.store(out_ptr + offsets, out, mask=in_bounds)
-        largest_bits = tl.max(max_bits, axis=0)
-        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is float32's upper half: widened exactly, subnormals too
-            largest = (largest_bits << 16).to(tl.float32, bitcast=True)
-        else:
-            largest = largest_bits.to(same_width_int).to(x_ptr.dtype.element_ty, bitcast=True)
-        column = partials_ptr + program
-        tl.store(column, tl.sum(nonfinite.to(tl.int64), axis=0).to(tl.float64))
-        tl.store(column + programs, tl.sum(nan.to(tl.int64), axis=0).to(tl.float64))
-        tl.store(column + 2 * programs, largest.to(tl.float64))
-        tl.store(column + 3 * programs, tl.sum(saturated.to(tl.int64), axis=0).to(tl.float64))
-        tl.store(column + 4 * programs, tl.sum(touched.to(tl.int64), axis=0).to(tl.float64))
-
-    @triton.jit
-    def reduce_partials(partials_ptr, stats_ptr, programs, NUM_STATS: tl.constexpr, BLOCK_P: tl.constexpr):
-        lanes = tl.arange(0, BLOCK_P)
-        for stat in tl.static_range(NUM_STATS):
-            values = tl.load(partials_ptr + stat * programs + lanes, mask=lanes < programs, other=0.0)
-            if stat == 2:  # max finite |x|; every other row is a count
-                tl.store(stats_ptr + stat, tl.max(values, axis=0))
-            else:
-                tl.store(stats_ptr + stat, tl.sum(values, axis=0))
+                largest = largest_bits.to(tl.int16 if BITS == 16 else tl.int32).to(x_ptr.dtype.element_ty, bitcast=True)
+            tl.store(stats_ptr, tl.atomic_xchg(scratch_ptr + 1, 0, sem="relaxed").to(tl.float64))
+            tl.store(stats_ptr + 1, tl.atomic_xchg(scratch_ptr + 2, 0, sem="relaxed").to(tl.float64))
+            tl.store(stats_ptr + 2, largest.to(tl.float64))
+            tl.store(stats_ptr + 3, tl.atomic_xchg(scratch_ptr + 4, 0, sem="relaxed").to(tl.float64))
+            tl.store(stats_ptr + 4, tl.atomic_xchg(scratch_ptr + 5, 0, sem="relaxed").to(tl.float64))
+            tl.store(scratch_ptr, 0)  # ready for the next launch on this stream
 
     @triton.jit(do_not_specialize=["tensors", "grid", "n_single"])
     def stats_many(
@@ -859,8 +1010,7 @@ def _triton_kernels() -> types.SimpleNamespace:
             tl.store(counter_ptr + which, 0)  # ready for the next launch on this stream
 
     return types.SimpleNamespace(
-        clamp_partials=clamp_partials,
-        reduce_partials=reduce_partials,
+        clamp_with_stats_kernel=clamp_with_stats_kernel,
         stats_many=stats_many,
         element_types={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32},
         next_power_of_2=triton.next_power_of_2,

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conformance.kernels import (
+    CLAMP_TILE_BYTES,
     TILE_BYTES,
     bit_patterns,
     clamp_with_stats,
@@ -263,6 +264,48 @@ def test_limit_keeps_the_sign_of_zero(device, impl):
         out, stats = clamp_with_stats(x, limit=limit, impl=impl)
         assert torch.signbit(out[:4]).tolist() == [False, True, False, True] and math.isnan(out[4].item())
         assert stats[4].item() == 2.0
+
+
+@pytest.mark.parametrize(("device", "impl"), PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("remainder", [0, 1, -1], ids=["whole-tiles", "one-over", "one-short"])
+def test_clamp_tiles_and_the_partial_tile(device, impl, dtype, remainder):
+    """The clamp kernel's tiles: clean ones are stored as read (only their max kept), a tile holding a value beyond the
+    bound or the dtype's max is clamped and counted element by element, and a partial last tile is always counted,
+    masked. Five whole tiles (uneven over the interpreter's three programs) plus a partial one, specials in the first,
+    a middle and the last whole tile and at both ends of the partial one."""
+    block = CLAMP_TILE_BYTES // dtype.itemsize
+    numel = 5 * block + (remainder % block)
+    x = _seeded_tensor(dtype, numel, 7, 0, device)
+    x[0] = math.inf
+    x[2 * block + 3] = 5000.0  # beyond the bound of 1000 below, finite
+    x[5 * block - 1] = math.nan  # the last element of the last whole tile
+    x[5 * block :] = 0.5
+    if numel > 5 * block:
+        x[5 * block] = -3000.0
+        x[-1] = -math.inf
+    for limit, nan in ((None, None), (1000.0, 0.0), (None, -1.0)):
+        out, stats = clamp_with_stats(x, limit=limit, nan=nan, impl=impl)
+        expected_out, expected_stats = reference_clamp(x, limit, nan)
+        assert_same_values(out, expected_out)
+        assert torch.equal(stats.cpu(), expected_stats)
+
+
+@pytest.mark.parametrize(("device", "impl"), PATHS)
+def test_clamp_launches_count_only_their_own(device, impl):
+    """The clamp's accumulators and completion counter are kept per device and stream and put back to zero by each
+    launch's last program: a launch after one that counted a great deal (or one of another dtype) counts only its own
+    tensor."""
+    block = CLAMP_TILE_BYTES // 2
+    busy = torch.full((3 * block + 7,), math.inf, dtype=torch.float16, device=device)
+    busy[1] = math.nan
+    clean = _seeded_tensor(torch.float16, 2 * block + 3, 11, 0, device)
+    other = _seeded_tensor(torch.bfloat16, block + 5, 12, 4, device)
+    for x in (busy, clean, busy, other, clean, busy[:5]):
+        out, stats = clamp_with_stats(x, nan=0.0, impl=impl)
+        expected_out, expected_stats = reference_clamp(x, None, 0.0)
+        assert_same_values(out, expected_out)
+        assert torch.equal(stats.cpu(), expected_stats)
 
 
 @pytest.mark.parametrize(("device", "impl"), COMPILED_PATHS)
