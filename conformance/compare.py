@@ -35,6 +35,10 @@ def metrics(golden: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
     ``rel_l2 = |a - g| / |g|``; ``max_abs = max |a - g|``; ``max_abs_rel = max_abs / max |g|``;
     ``cosine`` of the flattened tensors; ``sqnr_db = 20 log10(|g| / |a - g|)`` (torchao's SQNR). A non-finite
     ``actual`` gives NaN metrics (the finite rule explains the failure).
+
+    The cosine comes from the three norms (``(|a|^2 + |g|^2 - |a-g|^2) / 2|a||g|``), not from ``torch.dot``:
+    a float64 dot product on the CPU sums in an order that depends on the thread count, so a pytest-xdist worker
+    (fewer threads) reported a different last digit than a single process; the norms do not move.
     """
     if golden.shape != actual.shape:
         raise ValueError(f"output shape {tuple(actual.shape)} differs from the golden's {tuple(golden.shape)}")
@@ -52,7 +56,7 @@ def metrics(golden: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
         "rel_l2": d_norm / g_norm if g_norm else (0.0 if d_norm == 0 else math.inf),
         "max_abs": max_abs,
         "max_abs_rel": max_abs / g_max if g_max else (0.0 if max_abs == 0 else math.inf),
-        "cosine": float(torch.dot(a, g)) / (a_norm * g_norm) if a_norm and g_norm else (1.0 if a_norm == g_norm else 0.0),
+        "cosine": (a_norm**2 + g_norm**2 - d_norm**2) / (2 * a_norm * g_norm) if a_norm and g_norm else (1.0 if a_norm == g_norm else 0.0),
         "sqnr_db": 20 * math.log10(g_norm / d_norm) if d_norm else math.inf,
     }
 

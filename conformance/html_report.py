@@ -379,7 +379,7 @@ def _run_header(run: dict, cases: list[dict]) -> str:
         ("torch", " / ".join(str(x) for x in (run.get("torch"), run.get("cuda") and f"CUDA {run.get('cuda')}") if x)),
         ("python", run.get("python", "-")),
         ("started", run.get("started", "-")),
-        ("finished", run.get("finished", "-")),
+        ("finished", f"interrupted: {run.get('cases_finished', len(cases))} cases finished (from results.jsonl)" if run.get("interrupted") else run.get("finished", "-")),
         ("selection", " ".join(f"{k}={_option(v)}" for k, v in options.items() if v not in (None, False, [], ""))),
         ("outcomes", ", ".join(f"{k} {counts.get(k, 0)}" for k in ("passed", "failed", "xfailed", "error", "skipped"))),
     ]

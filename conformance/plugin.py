@@ -2,14 +2,22 @@
 
 Registered through the ``pytest11`` entry point ``conformance.plugin`` and, for a plain checkout, by the root
 ``conftest.py`` (pytest skips the second registration: same name). Run-wide state lives on ``config.stash``.
+
+Results travel through pytest's own reports, so that one process and many (pytest-xdist) write the same reports:
+the process that ran a case attaches its result to the test report (``report.conformance``, a JSON-able dict);
+``pytest_runtest_logreport`` in the process that writes the reports (the only process, or the xdist controller)
+receives it, appends it to ``results.jsonl`` at once (an interrupted run keeps what finished) and keeps it for
+results.json, summary.md, junit.xml and report.html at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +30,9 @@ from .guards import GUARD_NAMES
 from .matrix import SCALES, build_matrix
 from .paths import DEFAULT_REPORT_DIR, EXPECTED_FAILURES_FILE, GOLDEN_DIR, local_golden_store
 from .precision import PRECISIONS
+from .progress import Progress
 from .results import CaseResult
+from .rundir import JSONL_FILE
 
 PRECISION_MARKERS = tuple(dict.fromkeys(p.marker for p in PRECISIONS.values()))
 SUBJECTS = ("diffusers", "comfyui")
@@ -36,6 +46,7 @@ OTHER_MARKERS = {
     "bench": "benchmarks (pytest-benchmark); not part of the default run",
     XCHECK: "cross-implementation check: same weights and inputs through two subjects' components, fp32",
     "conformance(kind)": "a test that takes the `case` fixture; kind is 'block' or 'vae'",
+    "xdist_group(name)": "pytest-xdist --dist loadgroup: cases that share a golden run in one worker",
 }
 
 
@@ -69,6 +80,19 @@ def pytest_configure(config: pytest.Config) -> None:
     session = ConformanceSession(config)
     session.validate()
     config.stash[SESSION] = session
+    config.pluginmanager.register(session, "conformance-session")  # its hooks: the reports' receiving end
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if session.is_worker and workers:
+        # Each worker gets its share of the cores; torch's default (every core) oversubscribes them n-fold.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
+def worker_device(value: str, worker: str | None, device_count: int) -> str:
+    """The device of a pytest-xdist worker: with ``--device auto`` or ``cuda`` and several GPUs, worker ``gwN`` runs
+    on ``cuda:{N mod count}`` (one worker per GPU with ``-n <count>``); otherwise the option as given."""
+    if value not in ("auto", "cuda") or worker is None or device_count < 2:
+        return value
+    return f"cuda:{int(worker.removeprefix('gw')) % device_count}"
 
 
 # Markers exist for families the suite is growing into, so that `-m flux` is never a typo error.
@@ -90,9 +114,24 @@ class ConformanceSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.results: list[CaseResult] = []
+        self.is_worker = hasattr(config, "workerinput")
+        self.results: list[CaseResult] = []  # every result received, in the process that writes the reports
+        self.pending: list[CaseResult] = []  # results made here, not yet attached to a test report
+        self.reported: set[str] = set()  # node ids whose result went out
         self.case_by_nodeid: dict[str, Case] = {}
+        self.order: dict[str, int] = {}  # node id -> collection index, for the reports' order
+        self.nodeid_of: dict[str, str] = {}  # case id -> node id of the received results
         self.started = _dt.datetime.now(_dt.UTC)
+        self.run_id = uuid.uuid4().hex
+        self.golden_change_lines: list[str] = []
+        self.golden_seconds = 0.0
+        self.remote_run: dict | None = None  # the subject as a worker saw it (the controller builds no subject)
+        self.messages: list[str] = []  # a worker's progress lines, sent with its next report
+        self.tracker: Progress | None = None
+        self._sent_changes = 0
+        self._sent_golden_seconds = 0.0
+        self._run_sent = (False, False)
+        self._jsonl = None
         self._subject = None
         self._engine = None
         self._matrix = None
@@ -140,6 +179,8 @@ class ConformanceSession:
     @property
     def device(self) -> torch.device:
         value = self.opt("--device")
+        if self.is_worker and torch.cuda.is_available():
+            value = worker_device(value, os.environ.get("PYTEST_XDIST_WORKER"), torch.cuda.device_count())
         if value == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(value)
@@ -211,6 +252,9 @@ class ConformanceSession:
         return " ".join(parts)
 
     def progress(self, message: str) -> None:
+        if self.is_worker:  # a worker's output is not shown: the line goes with its next report
+            self.messages.append(f"[{os.environ.get('PYTEST_XDIST_WORKER', 'worker')}] {message}")
+            return
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         capture = self.config.pluginmanager.get_plugin("capturemanager")
         if reporter is None:
@@ -253,44 +297,130 @@ class ConformanceSession:
         try:
             result = self.engine.run(case)
         except Exception as error:
-            self.results.append(CaseResult(case, "error", reason=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - start))
+            self.pending.append(CaseResult(case, "error", reason=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - start, device=str(self.device)))
             raise
-        self.results.append(result)
+        result.device = str(self.device)
+        self.pending.append(result)
         if result.outcome == "failed":
             pytest.fail(f"{case.id}: {result.reason}", pytrace=False)
         if result.outcome == "xfailed":
             pytest.xfail(result.reason)
         return result
 
+    # -- results on their way to the reports ---------------------------------------------------------------------
+    def payload(self, nodeid: str) -> dict:
+        """What goes with the test report of ``nodeid``: its results and what changed in the run since the last one."""
+        results, self.pending = self.pending, []
+        self.reported.add(nodeid)
+        payload = {"nodeid": nodeid, "results": [r.as_dict() for r in results], "messages": self.messages}
+        self.messages = []
+        if self._engine is not None:
+            changes = self._engine.golden_changes
+            payload["golden_changes"] = [c.describe() for c in changes[self._sent_changes :]]
+            self._sent_changes = len(changes)
+            payload["golden_seconds"] = self._engine.golden_seconds - self._sent_golden_seconds
+            self._sent_golden_seconds = self._engine.golden_seconds
+        known = (self._subject is not None, self._engine is not None)
+        if known[0] and known != self._run_sent:  # once with the subject, again when the engine gives the identity
+            payload["run"] = self.subject_run_info()
+            self._run_sent = known
+        return payload
+
+    def receive(self, payload: dict) -> None:
+        """A report's payload, in the process that writes the reports."""
+        for message in payload.get("messages", ()):
+            self.progress(message)
+        if "run" in payload and (self.remote_run is None or self.remote_run["golden_identity"] is None):
+            self.remote_run = payload["run"]
+            self.append_jsonl({"run_update": payload["run"]})
+        self.golden_change_lines += payload.get("golden_changes", ())
+        self.golden_seconds += payload.get("golden_seconds", 0.0)
+        for document in payload["results"]:
+            result = CaseResult.from_dict(document)
+            self.results.append(result)
+            self.nodeid_of[result.id] = payload["nodeid"]
+            self.append_jsonl(document)
+            if self.tracker is not None:
+                self.tracker.finished(result.id, result.outcome)
+
+    def append_jsonl(self, document: dict) -> None:
+        """``results.jsonl``: a header line, then one line per case as it finishes, flushed, so a run killed halfway
+        leaves every finished case (``python -m conformance html DIR`` renders it)."""
+        if self._jsonl is None:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = (self.report_dir / JSONL_FILE).open("w")
+            header = {"schema_version": 1, "run": {"run_id": self.run_id, "started": self.started.isoformat(timespec="seconds"), "options": self.options_info()}}
+            self._jsonl.write(json.dumps(header) + "\n")
+        self._jsonl.write(json.dumps(document) + "\n")
+        self._jsonl.flush()
+
+    # hooks of the registered session (hooks without a config argument reach the run's state this way)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        payload = getattr(report, "conformance", None)
+        if payload is not None and not self.is_worker:
+            self.receive(payload)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids: list[str]) -> None:
+        """pytest-xdist's controller collects nothing itself: the first worker's collection gives order and totals."""
+        if not self.order:
+            self.expect(ids)
+
+    def expect(self, nodeids) -> None:
+        """The run's selection is known: order of the reports and totals of the progress lines."""
+        self.order = {nodeid: i for i, nodeid in enumerate(nodeids)}
+        case_ids = [n.rsplit("[", 1)[1].split("]", 1)[0] for n in nodeids if n.endswith("]") or "]@" in n]
+        case_ids = [c for c in case_ids if c.split("-", 1)[0] in SUBJECTS]
+        if case_ids:
+            self.tracker = Progress(self.progress)
+            self.tracker.expect(case_ids)
+
+    def subject_run_info(self) -> dict:
+        """The parts of the run record only a process that built the subject knows."""
+        return {
+            "device": str(self.device),
+            "subject": self._subject.info().as_dict(),
+            "subject_settings": self._subject.settings(),
+            "packages": self._subject.packages(),
+            "golden_identity": self._engine.identity() if self._engine else None,
+        }
+
+    def options_info(self) -> dict:
+        return {
+            "subject": self.subject_name,
+            "comfyui": self.comfyui_path,
+            "scale": list(self.scales),
+            "profile": self.opt("--profile"),
+            "guard": list(self.guards),
+            "markexpr": self.config.getoption("markexpr") or None,
+            "keyword": self.config.getoption("keyword") or None,
+            "update_goldens": self.opt("--update-goldens"),
+            "save_outputs": self.opt("--save-outputs"),
+            "expectations": self.opt("--expectations"),
+            "workers": int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) or getattr(self.config.option, "numprocesses", None) or None,
+        }
+
     def run_info(self) -> dict:
         from .report import environment
 
-        info = self._subject.info().as_dict() if self._subject else {"name": self.subject_name}
-        changes = [c.describe() for c in self._engine.golden_changes] if self._engine else []
+        if self._subject is not None:
+            subject = self.subject_run_info()
+        else:
+            subject = self.remote_run or {"device": str(self.device), "subject": {"name": self.subject_name}, "subject_settings": {}, "packages": {}, "golden_identity": None}
         return {
+            "run_id": self.run_id,
             "started": self.started.isoformat(timespec="seconds"),
             "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "device": str(self.device),
+            "device": subject["device"],
             **environment(),
-            "subject": info,
-            "subject_settings": self._subject.settings() if self._subject else {},
-            "packages": self._subject.packages() if self._subject else {},
-            "options": {
-                "subject": self.subject_name,
-                "comfyui": self.comfyui_path,
-                "scale": list(self.scales),
-                "profile": self.opt("--profile"),
-                "guard": list(self.guards),
-                "markexpr": self.config.getoption("markexpr") or None,
-                "keyword": self.config.getoption("keyword") or None,
-                "update_goldens": self.opt("--update-goldens"),
-                "save_outputs": self.opt("--save-outputs"),
-                "expectations": self.opt("--expectations"),
-            },
+            "subject": subject["subject"],
+            "subject_settings": subject["subject_settings"],
+            "packages": subject["packages"],
+            "options": self.options_info(),
             "golden_stores": {"committed": str(self.golden_dir), "local": str(self.golden_store)},
-            "golden_changes": changes,
-            "golden_identity": self._engine.identity() if self._engine else None,
-            "golden_seconds": round(self._engine.golden_seconds, 2) if self._engine else 0.0,
+            "golden_changes": self.golden_change_lines,
+            "golden_identity": subject["golden_identity"],
+            "golden_seconds": round(self.golden_seconds, 2),
             "report_dir": str(self.report_dir),
         }
 
@@ -309,6 +439,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if kind and entry.case.kind != kind:
             continue
         marks = [getattr(pytest.mark, name) for name in entry.case.markers()]
+        case = entry.case
+        marks.append(pytest.mark.xdist_group(f"{case.subject}-{case.component}-{case.scale}-{case.profile}"))
         if entry.skip_reason:
             marks.append(pytest.mark.skip(reason=entry.skip_reason))
         params.append(pytest.param(entry.case, id=entry.case.id, marks=marks))
@@ -323,19 +455,30 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             state.case_by_nodeid[item.nodeid] = callspec.params["case"]
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
-    """Cases that never reached ``check`` (skipped by the matrix, setup errors) still get a result."""
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    state = session.config.stash[SESSION]
+    if not state.is_worker and state.case_by_nodeid:
+        state.expect([item.nodeid for item in session.items])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Attach the case's result to the test report. Cases that never reached ``check`` (skipped by the matrix, setup
+    errors) get one here."""
+    outcome = yield
     state = item.config.stash[SESSION]
     case = state.case_by_nodeid.get(item.nodeid)
-    if case is None or any(r.case == case for r in state.results):
+    if case is None or item.nodeid in state.reported:
         return
     if call.when == "setup" and call.excinfo is not None:
         if call.excinfo.errisinstance(pytest.skip.Exception):
             reason = str(call.excinfo.value.msg) if hasattr(call.excinfo.value, "msg") else str(call.excinfo.value)
-            state.results.append(CaseResult(case, "skipped", reason=reason))
+            state.pending.append(CaseResult(case, "skipped", reason=reason))
         else:
-            state.results.append(CaseResult(case, "error", reason=f"{call.excinfo.typename}: {call.excinfo.value}"))
+            state.pending.append(CaseResult(case, "error", reason=f"{call.excinfo.typename}: {call.excinfo.value}"))
+    if state.pending or state.messages:
+        outcome.get_result().conformance = state.payload(item.nodeid)
 
 
 @pytest.fixture(scope="session")
@@ -346,12 +489,15 @@ def conformance(request: pytest.FixtureRequest) -> ConformanceSession:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(SESSION, None)
-    if state is None or not state.results or hasattr(session.config, "workerinput"):
+    if state is None or state.is_worker:
+        return
+    if state._jsonl is not None:
+        state._jsonl.close()
+    if not state.results:
         return
     from .report import write_reports
 
-    index = {case: i for i, case in enumerate(state.case_by_nodeid.values())}
-    state.results.sort(key=lambda r: index.get(r.case, len(index)))
+    state.results.sort(key=lambda r: state.order.get(state.nodeid_of.get(r.id, ""), len(state.order)))
     state.written = write_reports(state.report_dir, state.run_info(), state.results)
 
 
@@ -366,10 +512,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(line)
     for line in skip_summary(state.results):
         terminalreporter.write_line(line)
-    if state._engine and state._engine.golden_changes:
-        terminalreporter.write_line("goldens written:")
-        for change in state._engine.golden_changes:
-            terminalreporter.write_line(f"  {change.describe()}")
+    if state.golden_change_lines:
+        terminalreporter.write_line(f"goldens written ({state.golden_seconds:.1f} s of float64 forwards):")
+        for line in state.golden_change_lines:
+            terminalreporter.write_line(f"  {line}")
     for path in getattr(state, "written", []):
         terminalreporter.write_line(f"report: {path}")
 

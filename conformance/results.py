@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .case import Case
 
@@ -33,6 +33,7 @@ class CaseResult:
     failure_kinds: list[dict] = field(default_factory=list)
     expected_failure: dict | None = None  # the declaration that matched this case, if any
     inputs: dict | None = None  # {"sha256" of the stored inputs the case ran on, "outlier_channels", "file" if saved}
+    device: str | None = None  # where the case ran ("cuda:1" under a worker per GPU)
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -50,6 +51,7 @@ class CaseResult:
                 **self.case.as_dict(),
                 "outcome": self.outcome,
                 "reason": self.reason,
+                "device": self.device,
                 "metrics": self.metrics,
                 "metrics_by_output": self.metrics_by_output,
                 "reference": self.reference,
@@ -69,6 +71,15 @@ class CaseResult:
                 "boundaries": self.boundaries,
             }
         )
+
+
+    @classmethod
+    def from_dict(cls, document: dict) -> CaseResult:
+        """The inverse of ``as_dict``: how a result travels from a pytest-xdist worker (or a results.jsonl line) to
+        the reports. ``from_dict(r.as_dict()).as_dict() == r.as_dict()``."""
+        case = Case(**{f.name: document[f.name] for f in fields(Case)})
+        values = {f.name: document[f.name] for f in fields(cls) if f.name != "case" and f.name in document}
+        return cls(case, **values)
 
 
 def _json_safe(obj):

@@ -16,6 +16,7 @@ from pathlib import Path
 from .paths import BUDGETS_FILE
 
 RESULTS_FILE = "results.json"
+JSONL_FILE = "results.jsonl"  # written while the run goes: a header line ({"schema_version", "run"}), then one case per line
 OUTPUTS_DIR = "outputs"
 BENCHMARK_FILE = "benchmark.json"
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -32,16 +33,52 @@ class ReportDirError(ValueError):
 
 
 def load_results(report_dir: Path) -> dict:
-    """The parsed ``results.json`` of ``report_dir``, checked for the fields every reader relies on."""
+    """The parsed ``results.json`` of ``report_dir``, checked for the fields every reader relies on.
+
+    Where ``results.jsonl`` belongs to a later run than ``results.json`` (or there is no results.json), that run
+    was interrupted: its document is rebuilt from the lines, with ``run.interrupted`` set."""
     path = Path(report_dir) / RESULTS_FILE
-    if not path.is_file():
+    lines = Path(report_dir) / JSONL_FILE
+    document = None
+    if path.is_file():
+        try:
+            document = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ReportDirError(f"{path}: not valid JSON ({error})") from None
+    if lines.is_file():
+        partial = load_jsonl(lines)
+        finished_run = (document or {}).get("run", {}).get("run_id") if isinstance(document, dict) else None
+        if partial is not None and partial["run"].get("run_id") != finished_run:
+            document = partial
+    if document is None:
         raise ReportDirError(f"{report_dir}: no {RESULTS_FILE} (not a report directory written by the suite)")
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ReportDirError(f"{path}: not valid JSON ({error})") from None
     check_document(document, str(path))
     return document
+
+
+def load_jsonl(path: Path) -> dict | None:
+    """The document of an interrupted run from its ``results.jsonl``; a last line cut off by the kill is dropped.
+    None when the file holds no header."""
+    records = []
+    lines = Path(path).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the line being written when the run was killed
+            raise ReportDirError(f"{path}:{number}: not valid JSON") from None
+    if not records or "run" not in records[0]:
+        return None
+    run = dict(records[0]["run"])
+    cases = []
+    for record in records[1:]:
+        if "run_update" in record:  # what became known about the run after it started (the subject, the device)
+            run.update(record["run_update"])
+        else:
+            cases.append(record)
+    run.update(interrupted=True, cases_finished=len(cases))
+    return {"schema_version": records[0].get("schema_version"), "run": run, "cases": cases}
 
 
 def check_document(document: dict, where: str = "results document") -> None:
