@@ -4,7 +4,7 @@
 * ``tests``   the harness' own tests, then the benchmarks as a smoke test (reports/tests: junit.xml) - what CI runs
 * ``nightly`` the full matrix: every family, component, precision, available backend, profile and guard, with the fp32
               outputs saved so the run can serve as a gate baseline (reports/nightly); on CPU or GPU
-* ``gpu``     the suite on CUDA at tiny and real scale (reports/gpu)
+* ``gpu``     the nightly tier on CUDA at tiny and real scale (reports/gpu)
 * ``bench``   pytest-benchmark over benchmarks/ (reports/bench/benchmark.json)
 * ``gate``    the upgrade gate: ``nox -s gate -- --baseline A --candidate B`` (reports/gate)
 
@@ -12,6 +12,10 @@ Each session's virtualenv sees the system site-packages, so a torch that is alre
 build) is used as is. Where there is none, the session installs ``$CONFORMANCE_TORCH`` (default ``torch==2.13.0``,
 the CPU build on the project's machines) before anything else, so no dependency can pull an unpinned torch.
 Arguments after ``--`` go to pytest: ``nox -s suite -- -m qwen_fp16 --scale real``.
+
+The suite sessions spread their cases over pytest-xdist workers (``-n auto`` on a CPU: one per core, each with its
+share of the threads; on CUDA one per GPU, worker i on ``cuda:i``), cases that share a golden in one worker
+(``--dist loadgroup``); ``-- -n 0`` runs them in one process. Reports are the same either way.
 """
 
 from __future__ import annotations
@@ -48,7 +52,19 @@ def _install(session: nox.Session, constraints: bool) -> None:
 def suite(session: nox.Session) -> None:
     """The conformance suite, default selection (reports/suite; --report-dir in the arguments wins)."""
     _install(session, constraints=False)
-    session.run("python", "-m", "pytest", "suites", "--report-dir", f"{REPORTS}/suite", *session.posargs, success_codes=[0, 5])
+    session.run("python", "-m", "pytest", "suites", *_workers(session), "--report-dir", f"{REPORTS}/suite", *session.posargs, success_codes=[0, 5])
+
+
+def _workers(session: nox.Session) -> list[str]:
+    """pytest-xdist arguments: one worker per GPU where there are several, one per core on a CPU; the user's ``-n``
+    (after ``--``) wins."""
+    if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in session.posargs):
+        return []
+    gpus = session.run("python", "-c", "import torch; print(torch.cuda.device_count())", silent=True)
+    gpus = int(str(gpus).strip().splitlines()[-1]) if gpus else 0
+    if gpus == 1:
+        return []  # one GPU: one process (workers sharing a device are measured in docs/benchmarks.md)
+    return ["-n", str(gpus) if gpus > 1 else "auto", "--dist", "loadgroup"]
 
 
 # The Triton kernels run under Triton's interpreter on a CPU (TRITON_INTERPRET=1). A CPU torch has no triton; this
@@ -61,7 +77,7 @@ def tests(session: nox.Session) -> None:
     """The harness' own tests with the CI pins (stable goldens), the kernel tests under Triton's interpreter, then the
     benchmarks once each, untimed (smoke)."""
     _install(session, constraints=True)
-    session.run("python", "-m", "pytest", "tests", "--hypothesis-profile=ci", f"--junitxml={REPORTS}/tests/junit.xml", *session.posargs, success_codes=[0, 5])
+    session.run("python", "-m", "pytest", "tests", "-n", "auto", "--hypothesis-profile=ci", f"--junitxml={REPORTS}/tests/junit.xml", *session.posargs, success_codes=[0, 5])
     cpu_torch = "None" in str(session.run("python", "-c", "import torch; print(torch.version.cuda)", silent=True))
     if cpu_torch:
         session.install(TRITON_FOR_CPU)
@@ -81,8 +97,8 @@ def nightly(session: nox.Session) -> None:
     cuda = "True" in str(session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True))
     scale = "tiny,real" if cuda else "tiny"
     session.run(
-        "python", "-m", "pytest", "suites", "--guard", "all", "--scale", scale, "--save-outputs", "--report-dir", f"{REPORTS}/nightly",
-        *session.posargs, success_codes=[0, 5],
+        "python", "-m", "pytest", "suites", "--tier", "nightly", "--guard", "all", "--scale", scale, "--save-outputs",
+        *_workers(session), "--report-dir", f"{REPORTS}/nightly", *session.posargs, success_codes=[0, 5],
     )  # fmt: skip
     session.log(f"reports: {REPORTS}/nightly (report.html, summary.md, results.json, junit.xml)")
 
@@ -92,7 +108,10 @@ def gpu(session: nox.Session) -> None:
     """The suite on CUDA, tiny and real scale (reports/gpu). Refuses to run without a GPU rather than run on CPU."""
     _install(session, constraints=False)
     session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'nox -s gpu: no CUDA device')")
-    session.run("python", "-m", "pytest", "suites", "--device", "cuda", "--scale", "tiny,real", "--report-dir", f"{REPORTS}/gpu", *session.posargs, success_codes=[0, 5])
+    session.run(
+        "python", "-m", "pytest", "suites", "--tier", "nightly", "--device", "cuda", "--scale", "tiny,real", *_workers(session),
+        "--report-dir", f"{REPORTS}/gpu", *session.posargs, success_codes=[0, 5],
+    )  # fmt: skip
 
 
 @nox.session(venv_params=VENV)

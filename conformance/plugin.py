@@ -32,6 +32,7 @@ from .paths import DEFAULT_REPORT_DIR, EXPECTED_FAILURES_FILE, GOLDEN_DIR, local
 from .precision import PRECISIONS
 from .progress import Progress
 from .results import CaseResult
+from .tiers import TIERS, in_tier
 from .rundir import JSONL_FILE
 
 PRECISION_MARKERS = tuple(dict.fromkeys(p.marker for p in PRECISIONS.values()))
@@ -57,6 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     group.addoption("--scale", default="tiny", help=f"comma-separated scales: {', '.join(SCALES)} (default: tiny)")
     group.addoption("--profile", default=None, help="comma-separated input profiles (default: every profile of the family)")
+    group.addoption("--tier", default=None, choices=TIERS, help="default: blocks in full, decoders under the reference backend (the default run without -m/-k); nightly: everything")
     group.addoption("--guard", default="none", help=f"comma-separated guard policies, or 'all' (available: {', '.join(GUARDS)})")
     group.addoption("--report-dir", default=None, help=f"where results.json, summary.md and junit.xml go (default: {DEFAULT_REPORT_DIR})")
     group.addoption("--update-goldens", action="store_true", help="recompute the goldens the selected cases use; every change is reported")
@@ -128,6 +130,7 @@ class ConformanceSession:
         self.remote_run: dict | None = None  # the subject as a worker saw it (the controller builds no subject)
         self.messages: list[str] = []  # a worker's progress lines, sent with its next report
         self.tracker: Progress | None = None
+        self.outside_tier = 0  # cases of a larger tier, deselected
         self._sent_changes = 0
         self._sent_golden_seconds = 0.0
         self._run_sent = (False, False)
@@ -187,6 +190,14 @@ class ConformanceSession:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {value}: this torch ({torch.__version__}) sees no CUDA device")
         return device
+
+    @property
+    def tier(self) -> str:
+        """``--tier``; without it ``default``, unless ``-m``/``-k`` select (then the expression is the selection)."""
+        chosen = self.opt("--tier")
+        if chosen:
+            return chosen
+        return "nightly" if (self.config.getoption("markexpr") or self.config.getoption("keyword")) else "default"
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -312,7 +323,7 @@ class ConformanceSession:
         """What goes with the test report of ``nodeid``: its results and what changed in the run since the last one."""
         results, self.pending = self.pending, []
         self.reported.add(nodeid)
-        payload = {"nodeid": nodeid, "results": [r.as_dict() for r in results], "messages": self.messages}
+        payload = {"nodeid": nodeid, "results": [r.as_dict() for r in results], "messages": self.messages, "outside_tier": self.outside_tier}
         self.messages = []
         if self._engine is not None:
             changes = self._engine.golden_changes
@@ -334,6 +345,7 @@ class ConformanceSession:
             self.remote_run = payload["run"]
             self.append_jsonl({"run_update": payload["run"]})
         self.golden_change_lines += payload.get("golden_changes", ())
+        self.outside_tier = max(self.outside_tier, payload.get("outside_tier", 0))  # a worker's deselection
         self.golden_seconds += payload.get("golden_seconds", 0.0)
         for document in payload["results"]:
             result = CaseResult.from_dict(document)
@@ -385,8 +397,22 @@ class ConformanceSession:
             "golden_identity": self._engine.identity() if self._engine else None,
         }
 
+    def run_notes(self) -> list[str]:
+        """What the reader of the reports must know about this run as a whole."""
+        from .machine import half_precision_path
+
+        notes = []
+        if self.outside_tier:
+            notes.append(f"{self.outside_tier} cases of a larger tier than '{self.tier}' were not run (--tier nightly runs every case)")
+        half = [r for r in self.results if r.outcome != "skipped" and r.case.precision != "fp32" and (r.device or "cpu") == "cpu"]
+        slow = half_precision_path() if half else None
+        if slow:
+            notes.append(f"{len(half)} half-precision cases ran on the CPU: {slow}")
+        return notes
+
     def options_info(self) -> dict:
         return {
+            "tier": self.tier,
             "subject": self.subject_name,
             "comfyui": self.comfyui_path,
             "scale": list(self.scales),
@@ -421,6 +447,8 @@ class ConformanceSession:
             "golden_changes": self.golden_change_lines,
             "golden_identity": subject["golden_identity"],
             "golden_seconds": round(self.golden_seconds, 2),
+            "outside_tier": self.outside_tier,
+            "notes": self.run_notes(),
             "report_dir": str(self.report_dir),
         }
 
@@ -449,10 +477,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash[SESSION]
+    kept, outside = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and isinstance(callspec.params.get("case"), Case):
-            state.case_by_nodeid[item.nodeid] = callspec.params["case"]
+        case = callspec.params.get("case") if callspec is not None else None
+        if isinstance(case, Case):
+            if not in_tier(case, state.tier, state.subject.reference_backend):
+                outside.append(item)
+                continue
+            state.case_by_nodeid[item.nodeid] = case
+        kept.append(item)
+    if outside:
+        config.hook.pytest_deselected(items=outside)
+        items[:] = kept
+        state.outside_tier = len(outside)
 
 
 @pytest.hookimpl(trylast=True)
@@ -512,6 +550,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(line)
     for line in skip_summary(state.results):
         terminalreporter.write_line(line)
+    for note in state.run_notes():
+        terminalreporter.write_line(f"note: {note}")
     if state.golden_change_lines:
         terminalreporter.write_line(f"goldens written ({state.golden_seconds:.1f} s of float64 forwards):")
         for line in state.golden_change_lines:

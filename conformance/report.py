@@ -91,6 +91,7 @@ def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
         " | ".join(f"{k}: {counts.get(k, 0)}" for k in ("passed", "failed", "xfailed", "error", "skipped")),
         "",
     ]
+    lines += [f"> {note}" for note in run.get("notes") or []] + ([""] if run.get("notes") else [])
     ran = [r for r in results if r.outcome != "skipped"]
     if ran:
         lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]

@@ -190,13 +190,28 @@ class Engine:
             golden = self._make_golden(key, store, existing, weights_sha, command)
         return self._goldens.put(key.id, golden)
 
+    @property
+    def golden_device(self) -> torch.device:
+        """Where float64 goldens are computed: the CUDA device the run uses, if any (an H100 does a real-dims block in
+        float64 in well under a second, a 2-core CPU in tens of seconds), else the CPU. Either agrees with the other
+        within ``outputs_agree`` (tests/test_goldens.py measures it on a GPU)."""
+        return self.options.device if self.options.device.type == "cuda" else torch.device("cpu")
+
+    def golden_place(self) -> str:
+        device = self.golden_device
+        return f"float64 on {torch.cuda.get_device_name(device)} ({device}, TF32 off)" if device.type == "cuda" else "float64 on CPU"
+
     def _golden_outputs(self, key: GoldenKey, inputs: ComponentInputs, why: str = "computing") -> dict[str, torch.Tensor]:
         backend = self.subject.golden_backend_for(key.component)
-        self.options.progress(f"{why} golden {key.id} in float64 on CPU ({backend} attention)")
+        self.options.progress(f"{why} golden {key.id} in {self.golden_place()} ({backend} attention)")
         start = time.perf_counter()
-        run = self.forward(key.component, key.scale, None, backend, inputs, device=torch.device("cpu"), probes=False)
-        self.golden_seconds += time.perf_counter() - start
-        return run.outputs
+        with _full_precision_matmuls():
+            run = self.forward(key.component, key.scale, None, backend, inputs, device=self.golden_device, probes=False)
+        outputs = {name: t.cpu() for name, t in run.outputs.items()}
+        seconds = time.perf_counter() - start
+        self.golden_seconds += seconds
+        self.options.progress(f"golden {key.id}: {seconds:.1f} s")
+        return outputs
 
     def _confirm(self, golden: Golden, weights_sha: str) -> None:
         outputs = self._golden_outputs(golden.key, self._stored_inputs(golden), "another process created it; recomputing")
@@ -231,7 +246,7 @@ class Engine:
             "torch": torch.__version__,
             "machine": cpu_path(),
             "seed": self.options.seed,
-            "computed_in": "float64 on CPU",
+            "computed_in": self.golden_place(),
             "stored_as": "float32",
             "backend": self.subject.golden_backend_for(key.component),
             "weights_sha256": weights_sha,
@@ -321,7 +336,10 @@ class Engine:
         finally:
             notes, guard_note = built.notes, built.guard_note
             del built, kwargs
-            gc.collect()
+            if scale != "tiny":
+                # A real-dims block is GBs: free it (and anything a reference cycle holds) before the next is built.
+                # At tiny scale the collection cost 0.2 s per forward, most of a case (docs/benchmarks.md).
+                gc.collect()
         return ForwardRun(outputs, records, counter, seconds, notes, guard_note, tiled_outputs, guard_run)
 
     def _other_paths_agree(self, case: Case, precision: Precision, inputs: ComponentInputs, outputs: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -628,6 +646,17 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+@contextlib.contextmanager
+def _full_precision_matmuls():
+    """TF32 off for the golden's forward (float64 does not use it, but a float32 op inside a subject would)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _sync(device: torch.device) -> None:

@@ -315,6 +315,7 @@ def benchmark_json(tmp_path_factory) -> dict:
         [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "test_tiny_bench.py", f"--benchmark-json={out}",
          "--benchmark-min-rounds=3", "--benchmark-max-time=0.02", "--benchmark-disable-gc"],
         cwd=where, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},  # else it writes no JSON
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())

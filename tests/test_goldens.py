@@ -26,6 +26,7 @@ from conformance.goldens import (
     tensor_digest,
 )
 from conformance.paths import GOLDEN_DIR
+from conformance.runner import Engine, EngineOptions
 
 from .helpers import engine
 
@@ -334,3 +335,20 @@ def test_atomic_writes_leave_files_readable_like_an_ordinary_open(tmp_path):
         assert (tmp_path / "x").stat().st_mode & 0o777 == 0o644 and not tmp.exists()
     finally:
         os.umask(mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: GPU-made goldens are compared with the committed CPU-made ones")
+@pytest.mark.parametrize(("component", "profile"), [("qwen.block", "massive"), ("flux.double", "nominal"), ("flux.single", "fp16_overflow"), ("wan.t2v", "nominal"), ("wan.i2v", "massive"), ("qwen.vae", "nominal"), ("flux.vae", "ood")])
+def test_a_golden_made_on_the_gpu_agrees_with_the_cpu_made_one(tmp_path, component, profile):
+    """The committed goldens were computed in float64 on a CPU; the same stored inputs in float64 on the GPU (TF32
+    off) must agree within ``outputs_agree`` (one float32 ulp plus float64 noise), or GPU runners would create goldens
+    that a CPU run calls different."""
+    cpu = engine(tmp_path)
+    committed = cpu.golden(component, "tiny", profile)
+    gpu = Engine(cpu.subject, EngineOptions(device=torch.device("cuda"), committed_store=cpu.options.committed_store, local_store=cpu.options.local_store))
+    assert gpu.golden_device.type == "cuda" and "TF32 off" in gpu.golden_place()
+    made_here = gpu._golden_outputs(committed.key, gpu._stored_inputs(committed))
+    agree, ulps = outputs_agree(committed.outputs, made_here)
+    print(f"{component} {profile}: worst difference {ulps} float32 ulps")
+    assert agree, ulps

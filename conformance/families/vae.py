@@ -64,10 +64,12 @@ class VaeDims:
 DIMS = {
     # Real: Wan2.1 VAE dim 96 (diffusers AutoencoderKLWan defaults, ComfyUI comfy/sd.py ddconfig); Wan2.2 VAE dim 160,
     # decoder 256, z 48 (diffusers vae22 config; ComfyUI comfy.ldm.wan.vae2_2); FLUX ae ch 128, ch_mult 1,2,4,4, z 16.
-    # Tiny: the same architectures at base width 32 (GroupNorm's 32 groups need a multiple of 32).
-    "qwen.vae": {"tiny": VaeDims("wan21", 32, 16), "real": VaeDims("wan21", 96, 16)},
-    "wan.vae21": {"tiny": VaeDims("wan21", 32, 16), "real": VaeDims("wan21", 96, 16)},
-    "wan.vae22": {"tiny": VaeDims("wan22", 32, 48, dec_base=32, spatial=16), "real": VaeDims("wan22", 160, 48, dec_base=256, spatial=16)},
+    # Tiny: the same architectures at base width 16 (Wan: RMS norms, no group constraint) and 32 (FLUX: GroupNorm's 32
+    # groups need a multiple of 32). Wan at 32 cost 1.5 s per half-precision decode of a 4x4 latent on an AVX2-only
+    # CPU, at 16 0.4-0.5 s (docs/benchmarks.md, "CPU tier"); the pixels keep std 0.25-0.31.
+    "qwen.vae": {"tiny": VaeDims("wan21", 16, 16), "real": VaeDims("wan21", 96, 16)},
+    "wan.vae21": {"tiny": VaeDims("wan21", 16, 16), "real": VaeDims("wan21", 96, 16)},
+    "wan.vae22": {"tiny": VaeDims("wan22", 16, 48, dec_base=16, spatial=16), "real": VaeDims("wan22", 160, 48, dec_base=256, spatial=16)},
     "flux.vae": {"tiny": VaeDims("flux", 32, 16, video=False), "real": VaeDims("flux", 128, 16, video=False)},
 }
 

@@ -147,7 +147,7 @@ def clone_tensors(obj):
 class Subject(ABC):
     name: str
     reference_backend: str = "sdpa"  # a backend is judged against this one in the same precision
-    golden_backend: str = "math"  # the backend goldens are computed with, in float64 on CPU
+    golden_backend: str = "math"  # the backend goldens are computed with, in float64
     xcheck_partner: str | None = None  # another subject whose components this one is cross-checked against
 
     def golden_backend_for(self, component: str) -> str:
