@@ -2,7 +2,7 @@
 
 A golden is a pair. Its *inputs* are the keyword arguments the subject's own model built for the block, stored bit
 for bit (float32, as captured; every case casts them to its own dtype). Its *outputs* are the component run on them
-in float64 (on the run's CUDA device when it has one, else on the CPU), stored as float32. Cases run on the stored inputs, so a verdict does not depend on the machine
+in float64 on CPU, stored as float32. Cases run on the stored inputs, so a verdict does not depend on the machine
 that runs it; whether the subject still builds the same inputs is the engine's separate check
 (``conformance.inputs``).
 
