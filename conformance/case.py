@@ -44,9 +44,3 @@ class Case:
     def as_dict(self) -> dict:
         return asdict(self)
 
-
-def family_of_case_id(case_id: str) -> str:
-    """The family of a case from its id alone (``subject-component-...``; neither part holds a dash): what a
-    pytest-xdist controller, which collects nothing, counts progress by."""
-    parts = case_id.split("-")
-    return parts[1].split(".")[0] if len(parts) > 1 else case_id

@@ -57,45 +57,39 @@ def cpu_path() -> dict:
     }
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo (None off Linux or where unreadable)."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
 
 
 def half_precision_path(flags: set[str] | None = None) -> str | None:
     """Why half-precision cases on this CPU run a slow path, or None where it has native fp16 and bf16 arithmetic
     (AVX512-FP16 / AMX-FP16 and AVX512-BF16 / AMX-BF16). Without them torch converts to float32 per element: a tiny
     fp16 decoder takes 15-30x its float32 time (docs/benchmarks.md, "CPU tier")."""
-    flags = _cpu_flags() if flags is None else flags
+    flags = set((_cpuinfo("flags") or "").split()) if flags is None else flags
     if not flags:
         return None  # not Linux/x86 (or unreadable): nothing to say
     missing = [name for name, native in (("fp16", ("avx512_fp16", "amx_fp16")), ("bf16", ("avx512_bf16", "amx_bf16"))) if not flags & set(native)]
     if not missing:
         return None
     return (
-        f"this CPU has no native {' or '.join(missing)} arithmetic ({_processor()}, {torch_capability()}): half-precision "
+        f"this CPU has no native {' or '.join(missing)} arithmetic ({_processor()}, {_torch_capability()}): half-precision "
         "cases run torch's converting path, 10-30x slower than float32 (same results, longer run)"
     )
 
 
-def torch_capability() -> str:
+def _torch_capability() -> str:
     import torch
 
     return torch.backends.cpu.get_cpu_capability()
 
 
 def _processor() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return _cpuinfo("model name") or platform.processor() or "unknown"

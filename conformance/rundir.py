@@ -47,7 +47,7 @@ def load_results(report_dir: Path) -> dict:
             raise ReportDirError(f"{path}: not valid JSON ({error})") from None
     if lines.is_file():
         partial = load_jsonl(lines)
-        finished_run = (document or {}).get("run", {}).get("run_id") if isinstance(document, dict) else None
+        finished_run = document.get("run", {}).get("run_id") if isinstance(document, dict) else None
         if partial is not None and partial["run"].get("run_id") != finished_run:
             document = partial
     if document is None:

@@ -190,29 +190,17 @@ class Engine:
             golden = self._make_golden(key, store, existing, weights_sha, command)
         return self._goldens.put(key.id, golden)
 
-    @property
-    def golden_device(self) -> torch.device:
-        """Where float64 goldens are computed: the CPU. Computing them on the run's CUDA device was measured on an H100
-        (2026-12-06, docs/gpu-notes.md): FLUX blocks and the decoders agree with the CPU bit for bit, Qwen and WAN
-        blocks differ by 660-1508 float32 ulps (beyond ``outputs_agree``), and two workers holding float64 real-dims
-        blocks on one 80 GB GPU ran out of memory; until the Qwen/WAN difference is explained, goldens stay here."""
-        return torch.device("cpu")
-
-    def golden_place(self) -> str:
-        device = self.golden_device
-        return f"float64 on {torch.cuda.get_device_name(device)} ({device}, TF32 off)" if device.type == "cuda" else "float64 on CPU"
-
     def _golden_outputs(self, key: GoldenKey, inputs: ComponentInputs, why: str = "computing") -> dict[str, torch.Tensor]:
         backend = self.subject.golden_backend_for(key.component)
-        self.options.progress(f"{why} golden {key.id} in {self.golden_place()} ({backend} attention)")
+        # On the CPU: on an H100 the same float64 forward differs by 660-1508 float32 ulps for Qwen/WAN blocks (FLUX and
+        # the decoders bit for bit), beyond outputs_agree; docs/gpu-notes.md, tests/test_goldens.py.
+        self.options.progress(f"{why} golden {key.id} in float64 on CPU ({backend} attention)")
         start = time.perf_counter()
-        with _full_precision_matmuls():
-            run = self.forward(key.component, key.scale, None, backend, inputs, device=self.golden_device, probes=False)
-        outputs = {name: t.cpu() for name, t in run.outputs.items()}
+        run = self.forward(key.component, key.scale, None, backend, inputs, device=torch.device("cpu"), probes=False)
         seconds = time.perf_counter() - start
         self.golden_seconds += seconds
         self.options.progress(f"golden {key.id}: {seconds:.1f} s")
-        return outputs
+        return run.outputs
 
     def _confirm(self, golden: Golden, weights_sha: str) -> None:
         outputs = self._golden_outputs(golden.key, self._stored_inputs(golden), "another process created it; recomputing")
@@ -247,7 +235,7 @@ class Engine:
             "torch": torch.__version__,
             "machine": cpu_path(),
             "seed": self.options.seed,
-            "computed_in": self.golden_place(),
+            "computed_in": "float64 on CPU",
             "stored_as": "float32",
             "backend": self.subject.golden_backend_for(key.component),
             "weights_sha256": weights_sha,
@@ -650,17 +638,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-@contextlib.contextmanager
-def _full_precision_matmuls():
-    """TF32 off for the golden's forward (float64 does not use it, but a float32 op inside a subject would)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _sync(device: torch.device) -> None:
