@@ -90,31 +90,41 @@ class Budget:
 
 
 @cache
-def load_budgets(path: Path = BUDGETS_FILE, kind: str | None = None) -> dict[str, Budget]:
+def load_budgets(path: Path = BUDGETS_FILE, kind: str | None = None, profile: str | None = None) -> dict[str, Budget]:
     """Budgets by precision; ``kind`` (e.g. ``vae``) applies that table's overrides, ``[<kind>.precision.<name>]``,
-    over the precision's own numbers (a decoder chains ~30 convolutions, a block 7-8 linears)."""
+    over the precision's own numbers (a decoder chains ~30 convolutions, a block 7-8 linears); ``profile`` then applies
+    ``[profile.<profile>.precision.<name>]``, where a stress profile measurably amplifies a precision's rounding."""
     with path.open("rb") as handle:
         data = tomllib.load(handle)
     defaults = data.get("defaults", {})
     overrides = data.get(kind, {}).get("precision", {}) if kind else {}
+    profile_overrides = data.get("profile", {}).get(profile, {}).get("precision", {}) if profile else {}
     budgets = {}
     for name, raw in data.get("precision", {}).items():
         merged = {**defaults, **raw, **overrides.get(name, {})}
+        stressed = profile_overrides.get(name, {})
+        merged.update({k: v for k, v in stressed.items() if k != "provenance"})
+        provenance = " ".join(str(merged.get("provenance", "")).split())
+        if "provenance" in stressed:
+            provenance = f"{profile}: " + " ".join(str(stressed["provenance"]).split()) + f" Otherwise: {provenance}"
         try:
             budgets[name] = Budget(
                 precision=name,
                 rel_l2=float(merged["rel_l2"]),
                 max_abs_rel=float(merged["max_abs_rel"]),
                 backend_k=float(merged["backend_k"]),
-                provenance=" ".join(str(merged.get("provenance", "")).split()),
+                provenance=provenance,
             )
         except KeyError as missing:
             raise ValueError(f"{path}: [precision.{name}] lacks {missing}") from None
+    unknown = set(profile_overrides) - set(budgets)
+    if unknown:
+        raise ValueError(f"{path}: [profile.{profile}.precision] names unknown precisions {sorted(unknown)}")
     return budgets
 
 
-def budget_for(precision: str, path: Path = BUDGETS_FILE, kind: str | None = None) -> Budget:
-    budgets = load_budgets(path, kind)
+def budget_for(precision: str, path: Path = BUDGETS_FILE, kind: str | None = None, profile: str | None = None) -> Budget:
+    budgets = load_budgets(path, kind, profile)
     if precision not in budgets:
         raise KeyError(f"{path} has no budget for precision {precision!r}")
     return budgets[precision]

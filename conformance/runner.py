@@ -505,7 +505,7 @@ class Engine:
         start = time.perf_counter()
         precision = family_precision(case.precision, case.family)
         vae = is_vae(case.component)
-        budget = compare.budget_for(case.precision, kind="vae" if vae else None)
+        budget = compare.budget_for(case.precision, kind="vae" if vae else None, profile=case.profile)
         declared = expected_failure_for(case, self.options.expected_failures, self.subject.info().version)
         try:
             golden = self.golden(case.component, case.scale, case.profile)
