@@ -57,7 +57,8 @@ def _rules(result: GateResult) -> str:
         f"failing (xfailed -> failed included), failing another way (kind or location), a backend call missing or a logged "
         f"fallback, ran in the baseline and skipped or missing now (a component that no longer builds), newly saturated, "
         f"lost headroom; semantics changed: fp32 outputs (whole and bulk channels) differ from the baseline's by more "
-        f"than {result.fp32_rtol:g} rel-L2, or the inputs are built differently"
+        f"than {result.fp32_rtol:g} rel-L2, or the inputs are built differently (and then the other precisions' rel_l2 "
+        f"moves of that component and profile count with that change)"
         f"{' (accepted)' if result.accept_semantics else ''}; inconclusive (exit 5): nothing comparable ran; benchmarks: {slowdown}."
     )
 
