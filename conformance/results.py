@@ -34,6 +34,10 @@ class CaseResult:
     expected_failure: dict | None = None  # the declaration that matched this case, if any
     inputs: dict | None = None  # {"sha256" of the stored inputs the case ran on, "outlier_channels", "file" if saved}
     device: str | None = None  # where the case ran ("cuda:1" under a worker per GPU)
+    # Seconds per phase of the case: golden (load or create), build, inputs (cast to the device), forward (every
+    # forward pass of the case: its own, the reference backend's, other backend paths), probes (reading the records),
+    # compare, other.
+    phases: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -61,6 +65,7 @@ class CaseResult:
                 "golden": self.golden,
                 "seconds": round(self.seconds, 4),
                 "forward_seconds": None if self.forward_seconds is None else round(self.forward_seconds, 4),
+                "phases": {k: round(v, 4) for k, v in self.phases.items()},
                 "budget": self.budget,
                 "failures": self.failures,
                 "failure_kinds": self.failure_kinds,

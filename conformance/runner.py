@@ -37,12 +37,12 @@ from .goldens import (
 )
 from .inputs import InputCheck, compare_inputs
 from .machine import cpu_path
-from .precision import Precision, get_precision
+from .precision import PRECISIONS, Precision, get_precision
 from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
 from .profiles import load_profiles
 from .results import CaseResult
 from .save_stage import save_like_comfyui
-from .subjects.base import ComponentInputs, Subject, clone_tensors
+from .subjects.base import BuiltComponent, ComponentInputs, Subject, clone_tensors
 
 
 @dataclass
@@ -93,6 +93,13 @@ class Engine:
         self._stressed = _LRU(1)
         self._inputs = _LRU(8)
         self._goldens = _LRU(8)
+        # Built modules, shared by the cases that differ only in backend, guard or a profile that leaves the weights
+        # alone (backends, guards and probes attach and detach; a forward leaves the module as it found it:
+        # tests/test_module_cache.py). Cases run profile by profile, precisions within, backends innermost: at tiny
+        # scale a module per precision for the base weights and one stressed set stays live, at real scale one (a
+        # real block is GBs).
+        self._built: dict[str, _LRU] = {"tiny": _LRU(2 * len(PRECISIONS)), "real": _LRU(1)}
+        self.phases: dict[str, float] = {}  # the current case's seconds per phase (build, forward, golden, ...)
         self._reference: dict[tuple, dict | None] = {}
         self._partner: Subject | None = None
         self._identity: dict | None = None
@@ -291,9 +298,11 @@ class Engine:
         subject = subject or self.subject
         device = device or self.options.device
         weights = self.weights(component, scale, inputs.profile)
-        built = subject.build(component, scale, precision, weights, device)
+        built = self._build(subject, component, scale, precision, weights, device)
         dtype = torch.float64 if precision is None else precision.activation_dtype
+        mark = time.perf_counter()
         kwargs = clone_tensors(subject.cast_inputs(inputs, dtype, device))
+        self._add_phase("inputs", mark)
         counter = CallCounter()
         probe_set = Probes(built.module, built.boundary_names, built.input_probes, built.guards, enabled=probes, root_label=built.root_label)
         policy = get_policy(guard)
@@ -321,18 +330,40 @@ class Engine:
                     counts = counter.counts.copy()  # the calls of the case are those of the full decode
                     tiled_outputs = dict(built.tiled_call(built.module, clone_tensors(kwargs), inputs.sizes))
                     counter.counts = counts
+            mark = time.perf_counter()
             records = probe_set.records()
+            self._add_phase("probes", mark)
         finally:
-            notes, guard_note = built.notes, built.guard_note
+            notes, guard_note = list(built.notes), built.guard_note
             del built, kwargs
-            if scale != "tiny":
-                # A real-dims block is GBs: free it (and anything a reference cycle holds) before the next is built,
-                # and give the CUDA cache back (a worker that kept it made the next worker on the GPU run out).
-                # At tiny scale the collection cost 0.2 s per forward, most of a case (docs/benchmarks.md).
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        self.phases["forward"] = self.phases.get("forward", 0.0) + seconds
         return ForwardRun(outputs, records, counter, seconds, notes, guard_note, tiled_outputs, guard_run)
+
+    def _build(self, subject: Subject, component: str, scale: str, precision: Precision | None, weights, device) -> BuiltComponent:
+        """The component built in ``precision`` from ``weights`` on ``device``, from the cache where the same was
+        built before (float64 golden modules are built once per golden and not kept)."""
+        mark = time.perf_counter()
+        cache = self._built["tiny" if scale == "tiny" else "real"]
+        key = (id(subject), id(weights), component, scale, precision.name if precision else "float64", precision.compute_dtype if precision else None, str(device))
+        hit = cache.get(key) if precision is not None else None
+        if hit is not None and hit[0] is weights:
+            cache.move_to_end(key)
+            return hit[1]
+        if scale != "tiny" and cache:
+            # A real-dims block is GBs: free the last one (and anything a reference cycle holds) before the next is
+            # built, and give the CUDA cache back (a worker that kept it made the next worker on the GPU run out).
+            cache.clear()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        built = subject.build(component, scale, precision, weights, device)
+        if precision is not None:
+            cache.put(key, (weights, built))  # the weights are held with it, so their id() stays theirs
+        self._add_phase("build", mark)
+        return built
+
+    def _add_phase(self, phase: str, since: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - since
 
     def _other_paths_agree(self, case: Case, precision: Precision, inputs: ComponentInputs, outputs: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """In fp32, every other way the subject offers to force the backend must give the same bits."""
@@ -503,6 +534,7 @@ class Engine:
         if case.backend == XCHECK:
             return self.run_xcheck(case)
         start = time.perf_counter()
+        self.phases = {}
         precision = family_precision(case.precision, case.family)
         vae = is_vae(case.component)
         budget = compare.budget_for(case.precision, kind="vae" if vae else None, profile=case.profile)
@@ -511,13 +543,16 @@ class Engine:
             golden = self.golden(case.component, case.scale, case.profile)
         except GoldenError as error:
             return CaseResult(case, "failed", reason=str(error), failures=[str(error)], seconds=time.perf_counter() - start)
+        self._add_phase("golden", start)
         inputs = self._stored_inputs(golden)
         input_check = self.input_check(golden)
         paths = self.subject.backend_paths(case.component, case.backend)
         run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0], tiled=vae, guard=case.guard)
         path_failures, path_notes = self._other_paths_agree(case, precision, inputs, run.outputs)
+        mark = time.perf_counter()
         per_output = self._compare(case, golden, run.outputs)
         case_metrics = compare.worst(per_output)
+        self._add_phase("compare", mark)
         outputs_file = self._save_outputs(case, run.outputs)
         inputs_file = self._save_inputs(golden)
         if case.backend == self.subject.reference_backend:
@@ -613,7 +648,14 @@ class Engine:
             notes=notes,
             boundaries=[r.as_dict() for r in run.records],
             sizes=dict(inputs.sizes),
+            phases=self._phases_of(start),
         )
+
+    def _phases_of(self, start: float) -> dict[str, float]:
+        """The case's seconds per phase; ``other`` is the rest (the verdict, the report's record, Python)."""
+        phases = dict(self.phases)
+        phases["other"] = max(0.0, time.perf_counter() - start - sum(phases.values()))
+        return phases
 
 
 def _input_differences(ours: Mapping[str, object], theirs: Mapping[str, object]) -> dict[str, float]:
