@@ -94,7 +94,8 @@ def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
     lines += [f"> {note}" for note in run.get("notes") or []] + ([""] if run.get("notes") else [])
     ran = [r for r in results if r.outcome != "skipped"]
     if ran:
-        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+        # A "|" inside a cell ends it on GitHub (the header's "max |x|" made 15 cells of 13): escape it everywhere.
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(r)) + " |" for r in ran]
         lines.append("")
     bad = [r for r in results if r.outcome in ("failed", "error", "xfailed")]

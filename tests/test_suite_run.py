@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,13 @@ def test_summary_and_junit_are_written(fp16_run):
     proc, report_dir = fp16_run
     summary = (report_dir / "summary.md").read_text()
     assert "| case | outcome | rel_l2 |" in summary and "diffusers-qwen.block-tiny-fp16-sdpa-massive" in summary
+    # every row of the table has the header's cell count, counting only unescaped "|" (how GitHub splits cells)
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| case | outcome"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    table = lines[start:end]
+    cells = {len(re.split(r"(?<!\\)\|", line)) for line in table}
+    assert len(table) > 2 and cells == {len(re.split(r"(?<!\\)\|", table[1]))}, cells
     suite = ET.parse(report_dir / "junit.xml").getroot()
     cases = json.loads((report_dir / "results.json").read_text())["cases"]
     assert len(cases) == 48 + 24  # Qwen block: 8 backends x 6 profiles; Qwen VAE: 8 backends x 3 profiles
