@@ -34,7 +34,8 @@ class CaseResult:
     expected_failure: dict | None = None  # the declaration that matched this case, if any
     inputs: dict | None = None  # {"sha256" of the stored inputs the case ran on, "outlier_channels", "file" if saved}
     device: str | None = None  # where the case ran ("cuda:1" under a worker per GPU)
-    # Seconds per phase of the case: golden (load or create), build, inputs (cast to the device), forward (every
+    # Seconds per phase of the case: golden (load or create, its float64 forward included), capture (the subject's
+    # own inputs, built once per golden, against the stored ones), build, inputs (cast to the device), forward (every
     # forward pass of the case: its own, the reference backend's, other backend paths), probes (reading the records),
     # compare, other.
     phases: dict[str, float] = field(default_factory=dict)

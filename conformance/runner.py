@@ -343,12 +343,16 @@ class Engine:
         """The component built in ``precision`` from ``weights`` on ``device``, from the cache where the same was
         built before (float64 golden modules are built once per golden and not kept)."""
         mark = time.perf_counter()
+        if precision is None:
+            built = subject.build(component, scale, precision, weights, device)
+            self._add_phase("build", mark)
+            return built
         cache = self._built["tiny" if scale == "tiny" else "real"]
-        key = (id(subject), id(weights), component, scale, precision.name if precision else "float64", precision.compute_dtype if precision else None, str(device))
-        hit = cache.get(key) if precision is not None else None
-        if hit is not None and hit[0] is weights:
+        # id(weights) names these weights: the cache holds them with the module, so no other object can take the id
+        key = (id(subject), id(weights), component, scale, precision.name, precision.compute_dtype, str(device))
+        if key in cache:
             cache.move_to_end(key)
-            return hit[1]
+            return cache[key][1]
         if scale != "tiny" and cache:
             # A real-dims block is GBs: free the last one (and anything a reference cycle holds) before the next is
             # built, and give the CUDA cache back (a worker that kept it made the next worker on the GPU run out).
@@ -357,8 +361,7 @@ class Engine:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         built = subject.build(component, scale, precision, weights, device)
-        if precision is not None:
-            cache.put(key, (weights, built))  # the weights are held with it, so their id() stays theirs
+        cache.put(key, (weights, built))
         self._add_phase("build", mark)
         return built
 
@@ -543,9 +546,12 @@ class Engine:
             golden = self.golden(case.component, case.scale, case.profile)
         except GoldenError as error:
             return CaseResult(case, "failed", reason=str(error), failures=[str(error)], seconds=time.perf_counter() - start)
-        self._add_phase("golden", start)
+        # A golden created here ran its own float64 forward: all of it is the golden's time, none of it the case's.
+        self.phases = {"golden": time.perf_counter() - start}
         inputs = self._stored_inputs(golden)
+        mark = time.perf_counter()
         input_check = self.input_check(golden)
+        self._add_phase("capture", mark)
         paths = self.subject.backend_paths(case.component, case.backend)
         run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0], tiled=vae, guard=case.guard)
         path_failures, path_notes = self._other_paths_agree(case, precision, inputs, run.outputs)
@@ -652,7 +658,7 @@ class Engine:
         )
 
     def _phases_of(self, start: float) -> dict[str, float]:
-        """The case's seconds per phase; ``other`` is the rest (the verdict, the report's record, Python)."""
+        """The case's seconds per phase; ``other`` is the rest (the verdict, saving, the report's record, Python)."""
         phases = dict(self.phases)
         phases["other"] = max(0.0, time.perf_counter() - start - sum(phases.values()))
         return phases

@@ -1,4 +1,5 @@
-"""Shared helpers of the harness' own tests: an engine on the diffusers subject with throwaway golden stores."""
+"""Shared helpers of the harness' own tests: an engine (on the diffusers subject unless told) with throwaway golden
+stores."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ def diffusers_subject():
     return _SUBJECT
 
 
-def engine(tmp_path: Path, committed: Path = GOLDEN_DIR, **options) -> Engine:
+def engine(tmp_path: Path, committed: Path = GOLDEN_DIR, subject=None, **options) -> Engine:
     return Engine(
-        diffusers_subject(),
+        subject or diffusers_subject(),
         EngineOptions(
             device=torch.device("cpu"),
             committed_store=GoldenStore(committed, "committed"),

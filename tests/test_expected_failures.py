@@ -45,7 +45,7 @@ def test_a_nan_that_moves_from_the_input_into_attn_to_q_is_no_longer_the_expecte
         return built
 
     monkeypatch.setattr(eng.subject, "build", with_nan_in_to_q)
-    moved = eng.run(CASE)
+    moved = engine(tmp_path, expected_failures=[ENTERED_AT_INPUT]).run(CASE)  # a new engine: the old one keeps its module
     assert moved.outcome == "failed"
     assert moved.first_nonfinite["module"] == "attn.to_q"
     assert moved.failures[0].startswith("expected failure changed: a born failure"), moved.failures

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from conformance.case import Case
-from conformance.goldens import GoldenStore
-from conformance.paths import GOLDEN_DIR
-from conformance.runner import Engine, EngineOptions
 from conformance.subjects import load_subject
+
+from .helpers import diffusers_subject, engine
 
 # One walk through what a shared module meets: backends in turn, guards that patch attention, hook every layer, upcast
 # the residual or clamp, a profile that leaves the weights alone and one that stresses them, fp8 storage; then back to the
@@ -31,17 +30,6 @@ SEQUENCE = [
     ("fp16", "sdpa", "nominal", "none"),
     ("fp32", "sdpa", "nominal", "none"),
 ]
-
-
-def _engine(subject, tmp_path) -> Engine:
-    return Engine(
-        subject,
-        EngineOptions(
-            device=torch.device("cpu"),
-            committed_store=GoldenStore(GOLDEN_DIR, "committed"),
-            local_store=GoldenStore(tmp_path / "local", "local"),
-        ),
-    )
 
 
 def _fingerprint(result) -> dict:
@@ -65,12 +53,12 @@ def _walk(subject, tmp_path, component: str, backends: dict[str, str]):
         builds.append(args[2].name if args[2] is not None else "float64")
         return original(*args, **kwargs)
 
-    shared = _engine(subject, tmp_path / "shared")
+    shared = engine(tmp_path / "shared", subject=subject)
     subject.build = counting_build
     try:
         cached = [_fingerprint(shared.run(c)) for c in cases]
         shared_builds = list(builds)
-        fresh = [_fingerprint(_engine(subject, tmp_path / "fresh").run(c)) for c in cases]
+        fresh = [_fingerprint(engine(tmp_path / "fresh", subject=subject).run(c)) for c in cases]
     finally:
         del subject.build
     return cases, cached, fresh, shared_builds
@@ -87,8 +75,7 @@ def _check(cases, cached, fresh, builds):
 
 @pytest.mark.parametrize("component", ["qwen.block", "flux.single", "wan.t2v"])
 def test_a_shared_module_gives_the_cases_of_a_fresh_one_diffusers(tmp_path, component):
-    subject = load_subject("diffusers")
-    _check(*_walk(subject, tmp_path, component, {}))
+    _check(*_walk(diffusers_subject(), tmp_path, component, {}))
 
 
 CHECKOUT = os.environ.get("COMFYUI_PATH")
