@@ -2,7 +2,8 @@
 
 A golden is a pair. Its *inputs* are the keyword arguments the subject's own model built for the block, stored bit
 for bit (float32, as captured; every case casts them to its own dtype). Its *outputs* are the component run on them
-in float64 on CPU, stored as float32. Cases run on the stored inputs, so a verdict does not depend on the machine
+in float64 (on the CPU, or on a CUDA run's GPU where the forward is float64 throughout: ``Engine.golden_device``),
+stored as float32. Cases run on the stored inputs, so a verdict does not depend on the machine
 that runs it; whether the subject still builds the same inputs is the engine's separate check
 (``conformance.inputs``).
 
@@ -94,6 +95,10 @@ class GoldenTampered(GoldenError):
 
 class GoldenStale(GoldenError):
     pass
+
+
+class GoldenBusy(GoldenError):
+    """Another process holds the golden's lock and the caller asked not to wait (the prefetcher moves on)."""
 
 
 class GoldenConflict(GoldenError):
@@ -248,13 +253,16 @@ class GoldenStore:
             yield
 
     @contextlib.contextmanager
-    def creating(self, key: GoldenKey, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    def creating(self, key: GoldenKey, on_wait: Callable[[str], None] | None = None, wait: bool = True) -> Iterator[None]:
         """One golden's lock: held from 'is it there?' to its write, so a golden is computed once however many
-        processes ask for it at the same time. ``on_wait`` is told once when another process holds it."""
+        processes ask for it at the same time. ``on_wait`` is told once when another process holds it; without
+        ``wait``, ``GoldenBusy`` instead of waiting."""
         lock = FileLock(self._lock_path(key.relpath.replace("/", "__")))
         try:
             lock.acquire(timeout=0)
         except Timeout:
+            if not wait:
+                raise GoldenBusy(f"golden {key.id}: another process is creating it") from None
             if on_wait is not None:
                 on_wait(f"waiting for golden {key.id}: another process is creating it (lock {lock.lock_file})")
             lock.acquire()

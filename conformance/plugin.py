@@ -30,6 +30,7 @@ from .guards import GUARD_NAMES
 from .matrix import SCALES, build_matrix
 from .paths import DEFAULT_REPORT_DIR, EXPECTED_FAILURES_FILE, GOLDEN_DIR, local_golden_store
 from .precision import PRECISIONS
+from .prefetch import MODES as PREFETCH_MODES
 from .progress import Progress
 from .results import CaseResult
 from .tiers import TIERS, in_tier
@@ -66,6 +67,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--golden-store", default=None, help="local store for real-scale goldens (default: $CONFORMANCE_GOLDEN_STORE or ~/.cache/diffusion-conformance/golden)")
     group.addoption("--expectations", default=None, help="ratchet file from a baseline run: a case worse than its expectation fails")
     group.addoption("--save-outputs", action="store_true", help="save every case's outputs (float32 safetensors) under <report-dir>/outputs, for the upgrade gate")
+    group.addoption(
+        "--prefetch-goldens", default="auto", choices=PREFETCH_MODES,
+        help="make the run's missing goldens ahead of their cases in a second CPU process (auto: on a CUDA run without xdist)",
+    )  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -138,6 +143,8 @@ class ConformanceSession:
         self._subject = None
         self._engine = None
         self._matrix = None
+        self.prefetch = None  # the golden prefetcher, while one runs
+        self.prefetch_log = None  # what it did, once stopped
 
     # -- options -------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -297,6 +304,7 @@ class ConformanceSession:
                     progress=self.progress,
                     golden_command=self.golden_command,
                     outputs_dir=self.report_dir / "outputs" if self.opt("--save-outputs") else None,
+                    run_id=self.run_id,
                 ),
             )
         return self._engine
@@ -387,6 +395,60 @@ class ConformanceSession:
             self.tracker = Progress(self.progress)
             self.tracker.expect(case_ids)
 
+    def prefetch_wanted(self) -> tuple[bool, str]:
+        """Whether this process prefetches goldens, and why (or why not)."""
+        mode = self.opt("--prefetch-goldens")
+        if mode == "off":
+            return False, "--prefetch-goldens off"
+        if self.is_worker or getattr(self.config.option, "dist", "no") != "no":
+            return False, "under pytest-xdist each worker runs an unknown share of the cases (goldens are made as they are needed)"
+        if mode == "on":
+            return True, "--prefetch-goldens on"
+        if self.device.type != "cuda":
+            return False, "a CPU run's cases use every core themselves"
+        return True, "a CUDA run leaves the host's cores idle"
+
+    def start_prefetch(self, items) -> None:
+        """Start the golden prefetcher for the collected cases' missing goldens that are made on the CPU (those made on
+        the GPU take milliseconds), in the order the cases need them."""
+        if not self.case_by_nodeid or self.opt("--update-goldens"):
+            return
+        wanted, _why = self.prefetch_wanted()
+        if not wanted:
+            return
+        from .prefetch import GoldenPrefetch, PrefetchSpec, threads_for_prefetch
+
+        keys: dict[tuple[str, str, str], None] = {}
+        for item in items:
+            case = self.case_by_nodeid.get(item.nodeid)
+            if case is None or case.backend == XCHECK or item.get_closest_marker("skip") is not None:
+                continue
+            keys.setdefault((case.component, case.scale, case.profile), None)
+        engine = self.engine
+        missing = []
+        for component, scale, profile in keys:
+            key = engine.golden_key(component, scale, profile)
+            store = engine.store_for(key)
+            if store is engine.options.local_store and store.entry(key) is None and engine.golden_device(component).type == "cpu":
+                missing.append((component, scale, profile))
+        if not missing:
+            return
+        spec = PrefetchSpec(
+            subject=self.subject_name, comfyui_path=self.comfyui_path, committed=self.golden_dir, local=self.golden_store,
+            identity=dict(engine.identity()), run_id=self.run_id, keys=tuple(missing), threads=threads_for_prefetch(),
+        )  # fmt: skip
+        self.prefetch = GoldenPrefetch(spec)
+        self.prefetch.start()
+        self.progress(f"making {len(missing)} missing goldens ahead of their cases in a second process ({spec.threads} CPU threads)")
+
+    def stop_prefetch(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch_log = self.prefetch.stop()
+            self.prefetch = None
+            self.golden_change_lines += self.prefetch_log.made
+            for error in self.prefetch_log.errors:
+                self.progress(error)
+
     def subject_run_info(self) -> dict:
         """The parts of the run record only a process that built the subject knows."""
         return {
@@ -426,6 +488,13 @@ class ConformanceSession:
             "workers": int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) or getattr(self.config.option, "numprocesses", None) or None,
         }
 
+    def prefetch_info(self) -> dict:
+        log = self.prefetch_log
+        wanted, why = self.prefetch_wanted()
+        if log is None:
+            return {"ran": False, "why": why if not wanted else "no golden of the selection was missing"}
+        return {"ran": True, "why": why, "planned": log.planned, "made": len(log.made), "seconds": round(log.seconds, 2), "errors": log.errors}
+
     def run_info(self) -> dict:
         from .report import environment
 
@@ -447,6 +516,7 @@ class ConformanceSession:
             "golden_changes": self.golden_change_lines,
             "golden_identity": subject["golden_identity"],
             "golden_seconds": round(self.golden_seconds, 2),
+            "golden_prefetch": self.prefetch_info(),
             "outside_tier": self.outside_tier,
             "notes": self.run_notes(),
             "report_dir": str(self.report_dir),
@@ -498,6 +568,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash[SESSION]
     if not state.is_worker and state.case_by_nodeid:
         state.expect([item.nodeid for item in session.items])
+    state.start_prefetch(session.items)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -527,7 +598,10 @@ def conformance(request: pytest.FixtureRequest) -> ConformanceSession:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(SESSION, None)
-    if state is None or state.is_worker:
+    if state is None:
+        return
+    state.stop_prefetch()
+    if state.is_worker:
         return
     if state._jsonl is not None:
         state._jsonl.close()
@@ -553,7 +627,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for note in state.run_notes():
         terminalreporter.write_line(f"note: {note}")
     if state.golden_change_lines:
-        terminalreporter.write_line(f"goldens written ({state.golden_seconds:.1f} s of float64 forwards):")
+        ahead = f"; {state.prefetch_log.seconds:.1f} s made ahead by the prefetcher" if state.prefetch_log else ""
+        terminalreporter.write_line(f"goldens written ({state.golden_seconds:.1f} s of float64 forwards in the run{ahead}):")
         for line in state.golden_change_lines:
             terminalreporter.write_line(f"  {line}")
     for path in getattr(state, "written", []):

@@ -36,6 +36,7 @@ from .goldens import (
     tensor_digest,
 )
 from .inputs import InputCheck, compare_inputs
+from .islands import Islands
 from .machine import cpu_path
 from .precision import PRECISIONS, Precision, get_precision
 from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
@@ -57,6 +58,8 @@ class EngineOptions:
     progress: Callable[[str], None] = lambda message: None
     golden_command: Callable[[GoldenKey], str] = lambda key: "pytest suites --update-goldens"
     outputs_dir: Path | None = None  # where each case's outputs are saved (float32 safetensors), for the upgrade gate
+    run_id: str | None = None  # recorded with each golden made; this run's own goldens need no confirmation
+    identity: Mapping[str, object] | None = None  # a golden identity already resolved by the run (the prefetcher's)
 
 
 @dataclass
@@ -69,6 +72,20 @@ class ForwardRun:
     guard_note: str | None
     tiled_outputs: dict[str, torch.Tensor] | None = None
     guard: GuardRun | None = None  # the guard policy's record, when one was applied
+
+
+@contextlib.contextmanager
+def _tf32_off():
+    """TF32 and reduced-precision reductions off for a golden forward on CUDA (float64 uses neither; a float32 op
+    inside a subject would)."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    matmul.allow_fp16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved
 
 
 class _LRU(OrderedDict):
@@ -104,6 +121,7 @@ class Engine:
         self._partner: Subject | None = None
         self._identity: dict | None = None
         self._input_checks: dict[str, InputCheck] = {}
+        self._golden_devices: dict[str, torch.device] = {}
         self.golden_seconds = 0.0  # float64 forwards spent creating or confirming goldens
 
     # -- shared fixtures -----------------------------------------------------------------------------------------
@@ -149,6 +167,8 @@ class Engine:
         else the identity under which a store holds goldens of the same version and the same sources (a plain copy of
         a release finds the goldens made from its git checkout); else the subject's own, whose goldens are then
         created on demand."""
+        if self._identity is None and self.options.identity is not None:
+            self._identity = dict(self.options.identity)
         if self._identity is None:
             info = self.subject.info()
             natural = {"identity": info.identity, "natural": info.identity, "from": info.identity_source, "source_hash": info.source_hash}
@@ -166,10 +186,11 @@ class Engine:
     def golden_key(self, component: str, scale: str, profile: str) -> GoldenKey:
         return GoldenKey(self.subject.name, self.identity()["identity"], component, scale, profile)
 
-    def golden(self, component: str, scale: str, profile: str) -> Golden:
+    def golden(self, component: str, scale: str, profile: str, wait: bool = True) -> Golden:
         """The golden of a component: loaded, or created once under the store's per-golden lock. A golden that
         appeared while this process waited for the lock is checked, never replaced: its outputs are recomputed from
-        its stored inputs and must agree (``outputs_agree``), else ``GoldenConflict``."""
+        its stored inputs and must agree (``outputs_agree``), else ``GoldenConflict``. Without ``wait``, a golden
+        another process is creating raises ``GoldenBusy``."""
         key = self.golden_key(component, scale, profile)
         if key.id in self._goldens:
             return self._goldens[key.id]
@@ -182,7 +203,7 @@ class Engine:
             except GoldenMissing:
                 if store is not self.options.local_store:
                     raise
-        with store.creating(key, on_wait=self.options.progress):
+        with store.creating(key, on_wait=self.options.progress, wait=wait):
             try:
                 existing = store.load(key, weights_sha, command)
             except GoldenMissing:
@@ -192,22 +213,52 @@ class Engine:
                     raise
                 existing = None
             if existing is not None and not self.options.update_goldens:
-                self._confirm(existing, weights_sha)  # another process created it while this one waited
+                if not self._made_by_this_run(existing):
+                    self._confirm(existing, weights_sha)  # another process created it while this one waited
                 return self._goldens.put(key.id, existing)
             golden = self._make_golden(key, store, existing, weights_sha, command)
         return self._goldens.put(key.id, golden)
 
+    def golden_device(self, component: str) -> torch.device:
+        """Where this run computes a component's float64 goldens: the run's CUDA device where the subject's float64
+        forward has no float32 island another device may round differently (``conformance.islands``: a GPU-made golden
+        then agrees with a CPU-made one within ``outputs_agree``, tests/test_goldens.py), else the CPU. Decided once
+        per component, from a tiny forward."""
+        if self.options.device.type != "cuda":
+            return torch.device("cpu")
+        if component not in self._golden_devices:
+            islands = self.float32_islands(component)
+            self._golden_devices[component] = torch.device("cpu") if islands else self.options.device
+            if islands:
+                self.options.progress(f"goldens of {component} on the CPU: its float64 forward rounds in float32 at {', '.join(islands)}")
+        return self._golden_devices[component]
+
+    def float32_islands(self, component: str) -> dict[str, int]:
+        """The float32 ops of the component's float64 forward (tiny scale, nominal inputs, on the CPU) whose bits
+        another device's kernels need not reproduce: ``"op (dtype)": count``."""
+        inputs = self.inputs(component, "tiny", "nominal")  # built by the subject's embedders in float32: not the golden's
+        mode = Islands()
+        with mode:
+            self.forward(component, "tiny", None, self.subject.golden_backend_for(component), inputs, device=torch.device("cpu"), probes=False)
+        return mode.may_differ()
+
     def _golden_outputs(self, key: GoldenKey, inputs: ComponentInputs, why: str = "computing") -> dict[str, torch.Tensor]:
         backend = self.subject.golden_backend_for(key.component)
-        # On the CPU: on an H100 the same float64 forward differs by 660-1508 float32 ulps for Qwen/WAN blocks (FLUX and
-        # the decoders bit for bit), beyond outputs_agree; docs/gpu-notes.md, tests/test_goldens.py.
-        self.options.progress(f"{why} golden {key.id} in float64 on CPU ({backend} attention)")
+        device = self.golden_device(key.component)
+        self.options.progress(f"{why} golden {key.id} in float64 on {device.type} ({backend} attention)")
         start = time.perf_counter()
-        run = self.forward(key.component, key.scale, None, backend, inputs, device=torch.device("cpu"), probes=False)
+        with _tf32_off() if device.type == "cuda" else contextlib.nullcontext():
+            run = self.forward(key.component, key.scale, None, backend, inputs, device=device, probes=False)
+        outputs = {name: value.to("cpu") for name, value in run.outputs.items()}
         seconds = time.perf_counter() - start
         self.golden_seconds += seconds
         self.options.progress(f"golden {key.id}: {seconds:.1f} s")
-        return run.outputs
+        return outputs
+
+    def _made_by_this_run(self, golden: Golden) -> bool:
+        """A golden this run's prefetcher made while this process waited: the same code on the same CPU, so the
+        recomputation ``_confirm`` would spend (seconds at real scale) could only find it equal."""
+        return self.options.run_id is not None and golden.entry.get("run_id") == self.options.run_id
 
     def _confirm(self, golden: Golden, weights_sha: str) -> None:
         outputs = self._golden_outputs(golden.key, self._stored_inputs(golden), "another process created it; recomputing")
@@ -242,10 +293,11 @@ class Engine:
             "torch": torch.__version__,
             "machine": cpu_path(),
             "seed": self.options.seed,
-            "computed_in": "float64 on CPU",
+            "computed_in": f"float64 on {self.golden_device(key.component).type}",
             "stored_as": "float32",
             "backend": self.subject.golden_backend_for(key.component),
             "weights_sha256": weights_sha,
+            **({"run_id": self.options.run_id} if self.options.run_id else {}),
         }
         change = store.write(key, outputs, inputs.kwargs, inputs.sizes, inputs.outlier_channels, meta, replace=self.options.update_goldens)
         self.golden_changes.append(change)
