@@ -5,8 +5,10 @@
 * ``nightly`` the full matrix: every family, component, precision, available backend, profile and guard, with the fp32
               outputs saved so the run can serve as a gate baseline (reports/nightly); on CPU or GPU
 * ``gpu``     the nightly tier on CUDA at tiny and real scale (reports/gpu)
-* ``bench``   pytest-benchmark over benchmarks/ (reports/bench/benchmark.json)
-* ``gate``    the upgrade gate: ``nox -s gate -- --baseline A --candidate B`` (reports/gate)
+* ``bench``   pytest-benchmark over benchmarks/ (reports/suite/benchmark.json: next to the suite's results, where the
+              gate reads it when given reports/suite as a side)
+* ``gate``    the upgrade gate: ``nox -s gate -- --baseline A --candidate B`` (reports/gate); exits with the gate's
+              own code (0 pass, 1 regressed, 3 semantics changed, 4 inconclusive benchmarks, 5 inconclusive, 2 usage)
 
 Each session's virtualenv sees the system site-packages, so a torch that is already installed (a GPU runner's CUDA
 build) is used as is. Where there is none, the session installs ``$CONFORMANCE_TORCH`` (default ``torch==2.13.0``,
@@ -21,6 +23,8 @@ share of the threads; on CUDA one per GPU, worker i on ``cuda:i``), cases that s
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import nox
 
@@ -42,7 +46,7 @@ def _install(session: nox.Session, constraints: bool) -> None:
         session.install(TORCH)
     else:
         session.run("python", "-c", "import torch; print('using torch', torch.__version__)")
-    args = ["-e", ".[test,comfyui]"]
+    args = ["-e", ".[test,bench,html,comfyui]"]
     if constraints:
         args += ["-c", CI_CONSTRAINTS]
     session.install(*args)
@@ -109,18 +113,19 @@ def gpu(session: nox.Session) -> None:
     _install(session, constraints=False)
     session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'nox -s gpu: no CUDA device')")
     session.run(
-        "python", "-m", "pytest", "suites", "--tier", "nightly", "--device", "cuda", "--scale", "tiny,real", *_workers(session),
+        "python", "-m", "pytest", "suites", "--tier", "nightly", "--conformance-device", "cuda", "--scale", "tiny,real", *_workers(session),
         "--report-dir", f"{REPORTS}/gpu", *session.posargs, success_codes=[0, 5],
     )  # fmt: skip
 
 
 @nox.session(venv_params=VENV)
 def bench(session: nox.Session) -> None:
-    """pytest-benchmark over benchmarks/ (reports/bench/benchmark.json; the gate compares medians from it). On a
-    CPU the small sizes run, as a smoke test."""
+    """pytest-benchmark over benchmarks/ (reports/suite/benchmark.json, beside the suite's results.json: the gate
+    compares medians from a side's report directory). On a CPU the small sizes run, as a smoke test."""
     _install(session, constraints=False)
+    os.makedirs(f"{REPORTS}/suite", exist_ok=True)
     session.run(
-        "python", "-m", "pytest", "benchmarks", "-m", "bench", f"--benchmark-json={REPORTS}/bench/benchmark.json", *session.posargs,
+        "python", "-m", "pytest", "benchmarks", "-m", "bench", f"--benchmark-json={REPORTS}/suite/benchmark.json", *session.posargs,
         success_codes=[0, 5],
     )  # fmt: skip
 
@@ -132,4 +137,12 @@ def gate(session: nox.Session) -> None:
     _install(session, constraints=False)
     if not session.posargs:
         session.error("usage: nox -s gate -- --baseline A --candidate B (ComfyUI checkouts or report directories)")
-    session.run("python", "-m", "conformance", "gate", "--out", f"{REPORTS}/gate", *session.posargs)
+    # nox turns every failing code into 1; the gate's codes mean different things to a CI job (3: semantics changed,
+    # accept or reject; 4: benchmarks inconclusive), so the session ends the process with the gate's own code.
+    command = [os.path.join(session.bin, "python"), "-m", "conformance", "gate", "--out", f"{REPORTS}/gate", *session.posargs]
+    session.log(" ".join(command))
+    code = subprocess.call(command)
+    if code:
+        session.log(f"gate exit code {code}")
+        sys.stdout.flush()
+        os._exit(code)

@@ -49,14 +49,14 @@ def suite_command(checkout: Path, report_dir: Path, suite_args: list[str]) -> li
     return [sys.executable, "-m", "pytest", "suites", "-q", f"--comfyui={checkout}", "--save-outputs", "--report-dir", str(report_dir), *suite_args]
 
 
-GATE_TIER = ["--profile", "nominal,massive"]  # what a checkout is run with unless --suite-args names profiles
+GATE_TIER = ["--conformance-profile", "nominal,massive"]  # what a checkout is run with unless --suite-args names profiles
 
 
 def gate_suite_args(suite_args: list[str]) -> list[str]:
     """The gate tier: the nominal profile (where a change of the math shows, see gate.py) and ``massive`` (where fp16
     overflow regressions show), every family, precision and backend; the stress profiles are the nightly's. Any
-    ``--profile`` in ``--suite-args`` replaces it."""
-    if any(arg == "--profile" or arg.startswith("--profile=") for arg in suite_args):
+    ``--conformance-profile`` in ``--suite-args`` replaces it."""
+    if any(arg == "--conformance-profile" or arg.startswith("--conformance-profile=") for arg in suite_args):
         return suite_args
     return [*GATE_TIER, *suite_args]
 

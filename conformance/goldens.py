@@ -21,7 +21,7 @@ Nothing is lost or replaced behind anyone's back:
 * a golden is created under a lock of its own (``creating``): a second process asking for it waits, then finds it,
   recomputes its outputs from the stored inputs and fails loudly (``GoldenConflict``) if they differ beyond float64
   noise; it never writes;
-* ``write`` refuses to replace an existing golden unless asked to (``--update-goldens``), and then reports the old and
+* ``write`` refuses to replace an existing golden unless asked to (``--conformance-update-goldens``), and then reports the old and
   new hash and the largest difference; every file is written atomically (temporary file + rename);
 * a file whose hash differs from the manifest, or an input tensor whose bytes differ from its name, fails its cases.
 
@@ -327,7 +327,7 @@ class GoldenStore:
         if actual != entry["sha256"]:
             raise GoldenTampered(
                 f"golden {path} has sha256 {actual[:16]} but the manifest records {entry['sha256'][:16]}: the file was "
-                f"changed outside --update-goldens. Restore it (git checkout) or regenerate it with: {create_command}"
+                f"changed outside --conformance-update-goldens. Restore it (git checkout) or regenerate it with: {create_command}"
             )
         made_by = f"{entry['subject']['name']} {entry['subject']['version']}, torch {entry['torch']}"
         if entry["weights_sha256"] != weights_sha256:
@@ -354,7 +354,7 @@ class GoldenStore:
             raise GoldenTampered(f"golden {key.id}: its input tensor {path} is missing from the store; restore it (git checkout) or regenerate with: {create_command}")
         tensor = load_file(str(path))["t"]
         if digest(tensor) != tensor_digest_:
-            raise GoldenTampered(f"golden {key.id}: input tensor {path} does not hash to its name: changed outside --update-goldens")
+            raise GoldenTampered(f"golden {key.id}: input tensor {path} does not hash to its name: changed outside --conformance-update-goldens")
         return tensor
 
     # -- writing ---------------------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ class GoldenStore:
         replace: bool = False,
     ) -> GoldenChange:
         """Store the inputs and the float64 outputs (as float32), atomically, and report what changed. An existing
-        golden is replaced only with ``replace`` (``--update-goldens``)."""
+        golden is replaced only with ``replace`` (``--conformance-update-goldens``)."""
         out_tensors = {f"output.{name}": value.detach().to("cpu", torch.float32).contiguous() for name, value in outputs.items()}
         in_tensors, structure = pack(inputs)
         digests = {name: digest(t) for name, t in in_tensors.items()}
@@ -385,7 +385,7 @@ class GoldenStore:
             old_entry = manifest["goldens"].get(key.id)
             old = load_file(str(path)) if path.exists() else None
             if (old_entry is not None or old is not None) and not replace:
-                raise GoldenConflict(f"golden {key.id} exists in {self.root}; it is replaced only with --update-goldens")
+                raise GoldenConflict(f"golden {key.id} exists in {self.root}; it is replaced only with --conformance-update-goldens")
             for name, tensor in in_tensors.items():
                 self._write_blob(digests[name], tensor)
             # One metadata key, sorted JSON: safetensors writes a metadata map in hash order (bytes would vary).

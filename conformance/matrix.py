@@ -17,8 +17,6 @@ from .precision import PRECISIONS
 from .profiles import load_profiles
 from .subjects.base import Subject
 
-SCALES = ("tiny", "real")
-
 
 @dataclass(frozen=True)
 class MatrixEntry:

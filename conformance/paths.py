@@ -12,6 +12,17 @@ BUDGETS_FILE = FIXTURES_DIR / "budgets.toml"
 EXPECTED_FAILURES_FILE = FIXTURES_DIR / "expected_failures.toml"
 GOLDEN_DIR = REPO_ROOT / "golden"
 DEFAULT_REPORT_DIR = Path("reports") / "latest"
+SUITES_DIR = REPO_ROOT / "suites"
+# A wheel (pip install . or git+...) holds the package only: the data above is not next to it.
+NOT_A_CHECKOUT = (
+    f"the conformance suite is installed without its data: {FIXTURES_DIR}, {GOLDEN_DIR} and {SUITES_DIR} are read next "
+    "to the package, as in a checkout. Install it from a checkout in editable mode (git clone ... && pip install -e "
+    "'.[comfyui]') and run pytest there"
+)
+
+
+def has_data() -> bool:
+    return FIXTURES_DIR.is_dir() and GOLDEN_DIR.is_dir() and SUITES_DIR.is_dir()
 
 
 def local_golden_store() -> Path:

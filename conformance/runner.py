@@ -37,7 +37,7 @@ from .goldens import (
 )
 from .inputs import InputCheck, compare_inputs
 from .islands import Islands
-from .machine import cpu_path
+from .machine import align_onednn_isa, cpu_path
 from .precision import PRECISIONS, Precision, get_precision
 from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
 from .profiles import load_profiles
@@ -56,7 +56,7 @@ class EngineOptions:
     ratchet: Mapping[str, float] = field(default_factory=dict)
     expected_failures: list[ExpectedFailure] = field(default_factory=list)
     progress: Callable[[str], None] = lambda message: None
-    golden_command: Callable[[GoldenKey], str] = lambda key: "pytest suites --update-goldens"
+    golden_command: Callable[[GoldenKey], str] = lambda key: "pytest suites --conformance-update-goldens"
     outputs_dir: Path | None = None  # where each case's outputs are saved (float32 safetensors), for the upgrade gate
     run_id: str | None = None  # recorded with each golden made; this run's own goldens need no confirmation
     identity: Mapping[str, object] | None = None  # a golden identity already resolved by the run (the prefetcher's)
@@ -74,6 +74,10 @@ class ForwardRun:
     guard: GuardRun | None = None  # the guard policy's record, when one was applied
 
 
+# Before torch runs a bf16 kernel: keep oneDNN on the instruction set ATEN_CPU_CAPABILITY chose (conformance.machine).
+align_onednn_isa()
+
+
 @contextlib.contextmanager
 def _tf32_off():
     """TF32 and reduced-precision reductions off for a golden forward on CUDA (float64 uses neither; a float32 op
@@ -86,6 +90,14 @@ def _tf32_off():
         yield
     finally:
         matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved
+
+
+def _real_builds_kept(device: torch.device) -> int:
+    """Real-scale modules kept: every precision's, twice (base and stressed weights), on a CUDA device of 64 GiB or
+    more (at most ~16 GB of weights), else one: a CPU runner's RAM holds the float64 golden build besides."""
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 64 * 2**30:
+        return 2 * len(PRECISIONS)
+    return 1
 
 
 class _LRU(OrderedDict):
@@ -112,10 +124,10 @@ class Engine:
         self._goldens = _LRU(8)
         # Built modules, shared by the cases that differ only in backend, guard or a profile that leaves the weights
         # alone (backends, guards and probes attach and detach; a forward leaves the module as it found it:
-        # tests/test_module_cache.py). Cases run profile by profile, precisions within, backends innermost: at tiny
-        # scale a module per precision for the base weights and one stressed set stays live, at real scale one (a
-        # real block is GBs).
-        self._built: dict[str, _LRU] = {"tiny": _LRU(2 * len(PRECISIONS)), "real": _LRU(1)}
+        # tests/test_module_cache.py). Cases run profile by profile, precisions within, backends innermost: a module
+        # per precision for the base weights and one stressed set stays live; at real scale only on a device that
+        # holds them (all precisions of the largest real block, WAN i2v, are ~8 GB of weights), else one.
+        self._built: dict[str, _LRU] = {"tiny": _LRU(2 * len(PRECISIONS)), "real": _LRU(_real_builds_kept(options.device))}
         self.phases: dict[str, float] = {}  # the current case's seconds per phase (build, forward, golden, ...)
         self._reference: dict[tuple, dict | None] = {}
         self._partner: Subject | None = None
@@ -126,7 +138,7 @@ class Engine:
 
     # -- shared fixtures -----------------------------------------------------------------------------------------
     def store_for(self, key: GoldenKey) -> GoldenStore:
-        """Tiny goldens of an identity the repository holds (or is asked to hold, with --update-goldens) live in the
+        """Tiny goldens of an identity the repository holds (or is asked to hold, with --conformance-update-goldens) live in the
         committed store; everything else is created on demand in the local store."""
         committed = self.options.committed_store
         if key.scale == "tiny" and (self.options.update_goldens or committed.has_identity(key.subject, key.identity)):
@@ -276,7 +288,7 @@ class Engine:
         built = self.inputs(key.component, key.scale, key.profile)
         inputs = built
         if existing is not None and not compare_inputs(existing.inputs.kwargs, built.kwargs, existing.inputs.outlier_channels).beyond_noise():
-            # --update-goldens where the subject still builds the same inputs (within embedder noise): keep them, so
+            # --conformance-update-goldens where the subject still builds the same inputs (within embedder noise): keep them, so
             # the golden's file only changes when its outputs do.
             inputs = self._stored_inputs(existing)
         elif existing is None:
@@ -405,9 +417,9 @@ class Engine:
         if key in cache:
             cache.move_to_end(key)
             return cache[key][1]
-        if scale != "tiny" and cache:
-            # A real-dims block is GBs: free the last one (and anything a reference cycle holds) before the next is
-            # built, and give the CUDA cache back (a worker that kept it made the next worker on the GPU run out).
+        if scale != "tiny" and cache and (cache.size == 1 or any(k[2] != component for k in cache)):
+            # A real-dims block is GBs: free the kept ones (and anything a reference cycle holds) before another
+            # component's is built, and give the CUDA cache back (a worker that kept it made the next one run out).
             cache.clear()
             gc.collect()
             if device.type == "cuda":
@@ -478,7 +490,7 @@ class Engine:
                 # With a few channels at 1e4+, the whole-tensor error is their rounding; judge the rest on its own too.
                 keep = torch.ones(expected.shape[-1], dtype=torch.bool)
                 keep[outlier_channels] = False
-                per_output[f"{name}/bulk"] = compare.metrics(expected[..., keep], actual.to("cpu")[..., keep])
+                per_output[f"{name}/bulk"] = compare.metrics(expected[..., keep], actual[..., keep.to(actual.device)])
         return per_output
 
     @staticmethod

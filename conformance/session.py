@@ -1,7 +1,5 @@
-"""The pytest plugin: options, markers, the case matrix, the ``conformance`` fixture and the report hooks.
-
-Registered through the ``pytest11`` entry point ``conformance.plugin`` and, for a plain checkout, by the root
-``conftest.py`` (pytest skips the second registration: same name). Run-wide state lives on ``config.stash``.
+"""The suite's run-wide state and hooks, once a pytest run asks for the suite (``conformance.plugin.activate``):
+markers, the case matrix, running cases and the report hooks. Lives on ``config.stash``.
 
 Results travel through pytest's own reports, so that one process and many (pytest-xdist) write the same reports:
 the process that ran a case attaches its result to the test report (``report.conformance``, a JSON-able dict);
@@ -27,17 +25,18 @@ from .backends import BACKENDS, XCHECK
 from .case import Case
 from .families import FAMILIES
 from .guards import GUARD_NAMES
-from .matrix import SCALES, build_matrix
+from .axes import SCALES, SUBJECTS
+from .machine import align_onednn_isa
+from .matrix import build_matrix
 from .paths import DEFAULT_REPORT_DIR, EXPECTED_FAILURES_FILE, GOLDEN_DIR, local_golden_store
+from .options import SESSION, UsageError, option
 from .precision import PRECISIONS
-from .prefetch import MODES as PREFETCH_MODES
 from .progress import Progress
 from .results import CaseResult
-from .tiers import TIERS, in_tier
 from .rundir import JSONL_FILE
+from .tiers import in_tier
 
 PRECISION_MARKERS = tuple(dict.fromkeys(p.marker for p in PRECISIONS.values()))
-SUBJECTS = ("diffusers", "comfyui")
 GUARDS = GUARD_NAMES
 OTHER_MARKERS = {
     "vae": "VAE decoder cases",
@@ -52,29 +51,10 @@ OTHER_MARKERS = {
 }
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("conformance", "numerical conformance of diffusion-model components")
-    group.addoption("--subject", choices=SUBJECTS, default=None, help="implementation under test (default: comfyui when a checkout is given, else diffusers)")
-    group.addoption("--comfyui", default=None, metavar="PATH", help="ComfyUI checkout to test (default: $COMFYUI_PATH)")
-    group.addoption("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
-    group.addoption("--scale", default="tiny", help=f"comma-separated scales: {', '.join(SCALES)} (default: tiny)")
-    group.addoption("--profile", default=None, help="comma-separated input profiles (default: every profile of the family)")
-    group.addoption("--tier", default=None, choices=TIERS, help="default: blocks in full, decoders under the reference backend (the default run without -m/-k); nightly: everything")
-    group.addoption("--guard", default="none", help=f"comma-separated guard policies, or 'all' (available: {', '.join(GUARDS)})")
-    group.addoption("--report-dir", default=None, help=f"where results.json, summary.md and junit.xml go (default: {DEFAULT_REPORT_DIR})")
-    group.addoption("--update-goldens", action="store_true", help="recompute the goldens the selected cases use; every change is reported")
-    group.addoption("--golden-dir", default=None, help=f"committed golden store (default: {GOLDEN_DIR})")
-    group.addoption("--golden-store", default=None, help="local store for real-scale goldens (default: $CONFORMANCE_GOLDEN_STORE or ~/.cache/diffusion-conformance/golden)")
-    group.addoption("--expectations", default=None, help="ratchet file from a baseline run: a case worse than its expectation fails")
-    group.addoption("--save-outputs", action="store_true", help="save every case's outputs (float32 safetensors) under <report-dir>/outputs, for the upgrade gate")
-    group.addoption(
-        "--prefetch-goldens", default="auto", choices=PREFETCH_MODES,
-        help="make the run's missing goldens ahead of their cases in a second CPU process (auto: on a CUDA run without xdist)",
-    )  # fmt: skip
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    for family in FAMILIES_ALL:
+def start(config: pytest.Config) -> ConformanceSession:
+    """The suite's state for this run: markers registered, options validated, the session on ``config.stash``."""
+    align_onednn_isa()  # before torch runs a bf16 kernel (conformance.machine)
+    for family in FAMILIES:
         config.addinivalue_line("markers", f"{family}: {family} components")
         for marker in PRECISION_MARKERS:
             config.addinivalue_line("markers", f"{family}_{marker}: {family} components in {marker}")
@@ -92,22 +72,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if session.is_worker and workers:
         # Each worker gets its share of the cores; torch's default (every core) oversubscribes them n-fold.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+    return session
 
 
 def worker_device(value: str, worker: str | None, device_count: int) -> str:
-    """The device of a pytest-xdist worker: with ``--device auto`` or ``cuda`` and several GPUs, worker ``gwN`` runs
+    """The device of a pytest-xdist worker: with ``--conformance-device auto`` or ``cuda`` and several GPUs, worker ``gwN`` runs
     on ``cuda:{N mod count}`` (one worker per GPU with ``-n <count>``); otherwise the option as given."""
     if value not in ("auto", "cuda") or worker is None or device_count < 2:
         return value
     return f"cuda:{int(worker.removeprefix('gw')) % device_count}"
-
-
-# Markers exist for families the suite is growing into, so that `-m flux` is never a typo error.
-FAMILIES_ALL = tuple(dict.fromkeys((*FAMILIES, "qwen", "flux", "wan")))
-
-
-class UsageError(pytest.UsageError):
-    pass
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:
@@ -152,8 +125,28 @@ class ConformanceSession:
         self.device, self.scales, self.guards  # noqa: B018 - each property raises UsageError on a bad value
         if self.subject_name == "comfyui" and not self.comfyui_path:
             raise UsageError("--subject comfyui needs a checkout: --comfyui PATH or COMFYUI_PATH")
-        if self.comfyui_path:
-            self._refuse_comfyui_conftests(Path(self.comfyui_path).expanduser().resolve())
+        if self.opt("comfyui"):  # COMFYUI_PATH alone is never read as a test path
+            self._refuse_comfyui_conftests(Path(self.opt("comfyui")).expanduser().resolve())
+        if self.comfyui_path and not Path(self.comfyui_path).expanduser().is_dir():
+            raise UsageError(f"--comfyui / COMFYUI_PATH: {self.comfyui_path} is not a directory")
+        profiles = _split(self.opt("profile"))
+        if profiles:
+            from .profiles import load_profiles
+
+            known = {name for family in (*FAMILIES, "vae") for name in load_profiles(family)}
+            unknown = [p for p in profiles if p not in known]
+            if unknown:
+                raise UsageError(f"--conformance-profile: no family defines {unknown}; known: {', '.join(sorted(known))}")
+        expectations = self.opt("expectations")
+        if expectations:
+            from .expectations import load_ratchet
+
+            try:
+                load_ratchet(Path(expectations))
+            except FileNotFoundError:
+                raise UsageError(f"--expectations: {expectations} does not exist (write one with: python -m conformance expectations --from REPORT_DIR --out FILE)") from None
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise UsageError(f"--expectations: {expectations} is not a ratchet file ({type(error).__name__}: {error})") from None
 
     def _refuse_comfyui_conftests(self, checkout: Path) -> None:
         """When the plugin comes from the checkout's conftest.py (not installed), pytest reads ``--comfyui PATH`` as a
@@ -166,49 +159,42 @@ class ConformanceSession:
                     f"pytest loaded {origin} from the ComfyUI checkout because '--comfyui {checkout}' was read as a "
                     "test path; write --comfyui=PATH, set COMFYUI_PATH, or install the suite (pip install -e .)"
                 )
-        profiles = _split(self.opt("--profile"))
-        if profiles:
-            from .profiles import load_profiles
-
-            known = {name for family in (*FAMILIES, "vae") for name in load_profiles(family)}
-            unknown = [p for p in profiles if p not in known]
-            if unknown:
-                raise UsageError(f"--profile: no family defines {unknown}; known: {', '.join(sorted(known))}")
 
     def opt(self, name: str):
-        return self.config.getoption(name)
+        """An option's value by its key in ``conformance.plugin.OPTIONS`` (``"device"`` for --conformance-device)."""
+        return option(self.config, name)
 
     @property
     def comfyui_path(self) -> str | None:
-        return self.opt("--comfyui") or os.environ.get("COMFYUI_PATH") or None
+        return self.opt("comfyui") or os.environ.get("COMFYUI_PATH") or None
 
     @property
     def subject_name(self) -> str:
-        return self.opt("--subject") or ("comfyui" if self.comfyui_path else "diffusers")
+        return self.opt("subject") or ("comfyui" if self.comfyui_path else "diffusers")
 
     @property
     def device(self) -> torch.device:
-        value = self.opt("--device")
+        value = self.opt("device")
         if self.is_worker and torch.cuda.is_available():
             value = worker_device(value, os.environ.get("PYTEST_XDIST_WORKER"), torch.cuda.device_count())
         if value == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(value)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {value}: this torch ({torch.__version__}) sees no CUDA device")
+            raise UsageError(f"--conformance-device {value}: this torch ({torch.__version__}) sees no CUDA device")
         return device
 
     @property
     def tier(self) -> str:
         """``--tier``; without it ``default``, unless ``-m``/``-k`` select (then the expression is the selection)."""
-        chosen = self.opt("--tier")
+        chosen = self.opt("tier")
         if chosen:
             return chosen
         return "nightly" if (self.config.getoption("markexpr") or self.config.getoption("keyword")) else "default"
 
     @property
     def scales(self) -> tuple[str, ...]:
-        scales = _split(self.opt("--scale")) or ("tiny",)
+        scales = _split(self.opt("scale")) or ("tiny",)
         unknown = [s for s in scales if s not in SCALES]
         if unknown:
             raise UsageError(f"--scale: unknown {unknown}; choose from {', '.join(SCALES)}")
@@ -216,7 +202,7 @@ class ConformanceSession:
 
     @property
     def guards(self) -> tuple[str, ...]:
-        guards = _split(self.opt("--guard")) or ("none",)
+        guards = _split(self.opt("guard")) or ("none",)
         if guards == ("all",):
             return GUARDS
         unknown = [g for g in guards if g not in GUARDS]
@@ -226,17 +212,17 @@ class ConformanceSession:
 
     @property
     def report_dir(self) -> Path:
-        value = self.opt("--report-dir")
+        value = self.opt("report_dir")
         return Path(value) if value else self.config.rootpath / DEFAULT_REPORT_DIR
 
     @property
     def golden_dir(self) -> Path:
-        value = self.opt("--golden-dir")
+        value = self.opt("golden_dir")
         return Path(value) if value else GOLDEN_DIR
 
     @property
     def golden_store(self) -> Path:
-        value = self.opt("--golden-store")
+        value = self.opt("golden_store")
         return Path(value).expanduser() if value else local_golden_store()
 
     # -- lazily built pieces -------------------------------------------------------------------------------------
@@ -253,20 +239,20 @@ class ConformanceSession:
 
     def matrix(self):
         if self._matrix is None:
-            profiles = _split(self.opt("--profile"))
+            profiles = _split(self.opt("profile"))
             self._matrix = build_matrix(self.subject, self.device, self.scales, profiles, self.guards)
         return self._matrix
 
     def golden_command(self, key) -> str:
-        parts = ["pytest suites", f"--subject {key.subject}", f"--scale {key.scale}", f"--profile {key.profile}"]
+        parts = ["pytest suites", f"--subject {key.subject}", f"--scale {key.scale}", f"--conformance-profile {key.profile}"]
         if key.subject == "comfyui":
             parts.append(f"--comfyui {self.comfyui_path}")
-        if self.opt("--golden-dir"):
-            parts.append(f"--golden-dir {self.opt('--golden-dir')}")
-        if self.opt("--golden-store"):
-            parts.append(f"--golden-store {self.opt('--golden-store')}")
+        if self.opt("golden_dir"):
+            parts.append(f"--golden-dir {self.opt('golden_dir')}")
+        if self.opt("golden_store"):
+            parts.append(f"--golden-store {self.opt('golden_store')}")
         family = key.component.split(".")[0]
-        parts.append(f"-m '{family} and fp32 and {self.subject.reference_backend}' --update-goldens")
+        parts.append(f"-m '{family} and fp32 and {self.subject.reference_backend}' --conformance-update-goldens")
         return " ".join(parts)
 
     def progress(self, message: str) -> None:
@@ -298,12 +284,12 @@ class ConformanceSession:
                     device=self.device,
                     committed_store=GoldenStore(self.golden_dir, "committed"),
                     local_store=GoldenStore(self.golden_store, "local"),
-                    update_goldens=self.opt("--update-goldens"),
-                    ratchet=load_ratchet(self.opt("--expectations")),
+                    update_goldens=self.opt("update_goldens"),
+                    ratchet=load_ratchet(self.opt("expectations")),
                     expected_failures=declared,
                     progress=self.progress,
                     golden_command=self.golden_command,
-                    outputs_dir=self.report_dir / "outputs" if self.opt("--save-outputs") else None,
+                    outputs_dir=self.report_dir / "outputs" if self.opt("save_outputs") else None,
                     run_id=self.run_id,
                 ),
             )
@@ -380,12 +366,6 @@ class ConformanceSession:
         if payload is not None and not self.is_worker:
             self.receive(payload)
 
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_xdist_node_collection_finished(self, node, ids: list[str]) -> None:
-        """pytest-xdist's controller collects nothing itself: the first worker's collection gives order and totals."""
-        if not self.order:
-            self.expect(ids)
-
     def expect(self, nodeids) -> None:
         """The run's selection is known: order of the reports and totals of the progress lines."""
         self.order = {nodeid: i for i, nodeid in enumerate(nodeids)}
@@ -397,7 +377,7 @@ class ConformanceSession:
 
     def prefetch_wanted(self) -> tuple[bool, str]:
         """Whether this process prefetches goldens, and why (or why not)."""
-        mode = self.opt("--prefetch-goldens")
+        mode = self.opt("prefetch_goldens")
         if mode == "off":
             return False, "--prefetch-goldens off"
         if self.is_worker or getattr(self.config.option, "dist", "no") != "no":
@@ -411,7 +391,7 @@ class ConformanceSession:
     def start_prefetch(self, items) -> None:
         """Start the golden prefetcher for the collected cases' missing goldens that are made on the CPU (those made on
         the GPU take milliseconds), in the order the cases need them."""
-        if not self.case_by_nodeid or self.opt("--update-goldens"):
+        if not self.case_by_nodeid or self.opt("update_goldens"):
             return
         wanted, _why = self.prefetch_wanted()
         if not wanted:
@@ -478,13 +458,13 @@ class ConformanceSession:
             "subject": self.subject_name,
             "comfyui": self.comfyui_path,
             "scale": list(self.scales),
-            "profile": self.opt("--profile"),
+            "profile": self.opt("profile"),
             "guard": list(self.guards),
             "markexpr": self.config.getoption("markexpr") or None,
             "keyword": self.config.getoption("keyword") or None,
-            "update_goldens": self.opt("--update-goldens"),
-            "save_outputs": self.opt("--save-outputs"),
-            "expectations": self.opt("--expectations"),
+            "update_goldens": self.opt("update_goldens"),
+            "save_outputs": self.opt("save_outputs"),
+            "expectations": self.opt("expectations"),
             "workers": int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) or getattr(self.config.option, "numprocesses", None) or None,
         }
 
@@ -523,13 +503,8 @@ class ConformanceSession:
         }
 
 
-SESSION = pytest.StashKey[ConformanceSession]()
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" not in metafunc.fixturenames:
-        return
-    session = metafunc.config.stash[SESSION]
+# The hooks' work, called by conformance.plugin once the run has asked for the suite.
+def generate_tests(session: ConformanceSession, metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("conformance")
     kind = marker.kwargs.get("kind") if marker else None
     params = []
@@ -545,8 +520,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("case", params)
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    state = config.stash[SESSION]
+def modify_items(state: ConformanceSession, config: pytest.Config, items: list[pytest.Item]) -> None:
     kept, outside = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
@@ -563,20 +537,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         state.outside_tier = len(outside)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session: pytest.Session) -> None:
-    state = session.config.stash[SESSION]
+def collection_finished(state: ConformanceSession, session: pytest.Session) -> None:
     if not state.is_worker and state.case_by_nodeid:
         state.expect([item.nodeid for item in session.items])
     state.start_prefetch(session.items)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+def attach_result(state: ConformanceSession, item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport) -> None:
     """Attach the case's result to the test report. Cases that never reached ``check`` (skipped by the matrix, setup
     errors) get one here."""
-    outcome = yield
-    state = item.config.stash[SESSION]
     case = state.case_by_nodeid.get(item.nodeid)
     if case is None or item.nodeid in state.reported:
         return
@@ -587,19 +556,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         else:
             state.pending.append(CaseResult(case, "error", reason=f"{call.excinfo.typename}: {call.excinfo.value}"))
     if state.pending or state.messages:
-        outcome.get_result().conformance = state.payload(item.nodeid)
+        report.conformance = state.payload(item.nodeid)
 
 
-@pytest.fixture(scope="session")
-def conformance(request: pytest.FixtureRequest) -> ConformanceSession:
-    """The run's conformance session: ``conformance.check(case)`` runs a case and asserts its verdict."""
-    return request.config.stash[SESSION]
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    state = session.config.stash.get(SESSION, None)
-    if state is None:
-        return
+def session_finished(state: ConformanceSession) -> None:
     state.stop_prefetch()
     if state.is_worker:
         return
@@ -613,9 +573,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state.written = write_reports(state.report_dir, state.run_info(), state.results)
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    state = config.stash.get(SESSION, None)
-    if state is None or not state.results:
+def terminal_summary(state: ConformanceSession, terminalreporter) -> None:
+    if not state.results:
         return
     from .report import skip_summary, terminal_table
 
@@ -633,4 +592,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.write_line(f"  {line}")
     for path in getattr(state, "written", []):
         terminalreporter.write_line(f"report: {path}")
-

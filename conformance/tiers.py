@@ -15,10 +15,10 @@ cases. With ``-m`` or ``-k`` and no ``--tier``, the expression is the selection 
 
 from __future__ import annotations
 
+from .axes import TIERS
 from .case import Case
 from .families import is_vae
 
-TIERS = ("default", "nightly")
 DECODER_PROFILES_IN_FULL = ("nominal", "nan_latent")  # decoder profiles the default tier runs in every precision
 
 

@@ -1,6 +1,6 @@
 """Report directories for the tests of the readers of a run (HTML report, gate, ratchet writer).
 
-One real run of the suite per test session (``-m "qwen_fp32 or qwen_fp16" -k qwen.block --profile nominal,massive --save-outputs``, about 6 s on a CPU),
+One real run of the suite per test session (``-m "qwen_fp32 or qwen_fp16" -k qwen.block --conformance-profile nominal,massive --save-outputs``, about 6 s on a CPU),
 shared by every test file that asks for it, and helpers that copy it and edit the copy: the readers are tested on
 what the suite really writes, and the outcomes a healthy run does not produce (failed, non-finite, error...) are
 edits of real cases.
@@ -31,7 +31,7 @@ def real_report(tmp_path_factory) -> Path:
         report_dir = base / "report"
         env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}  # the diffusers subject
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "suites", "-q", "-p", "no:randomly", "-m", MARKEXPR, "-k", KEYWORD, "--profile", PROFILES, "--save-outputs",
+            [sys.executable, "-m", "pytest", "suites", "-q", "-p", "no:randomly", "-m", MARKEXPR, "-k", KEYWORD, "--conformance-profile", PROFILES, "--save-outputs",
              "--report-dir", str(report_dir), "--golden-store", str(base / "local")],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
         )

@@ -167,7 +167,7 @@ def test_masked_non_finite_counts_as_non_finite(real, candidate):
 
 
 def test_added_and_removed_cases_are_reported_not_failing(real, candidate):
-    """With a different selection (here another --profile), ids on one side only are reported, not judged."""
+    """With a different selection (here another --conformance-profile), ids on one side only are reported, not judged."""
     document = load(candidate)
     document["run"]["options"]["profile"] = "nominal,massive,newprofile"
     removed = document["cases"].pop(0)
@@ -462,8 +462,8 @@ def test_cli_runs_the_suite_on_a_checkout(real, tmp_path, capsys):
     expected = cli.suite_command(fake, out / "baseline", ["-m", "qwen_fp32 and sdpa"])
     assert expected == [sys.executable, "-m", "pytest", "suites", "-q", f"--comfyui={fake}", "--save-outputs", "--report-dir", str(out / "baseline"), "-m", "qwen_fp32 and sdpa"]
     # the gate tier's profiles come first unless --suite-args names its own
-    assert f"--comfyui={fake} --save-outputs --report-dir {out / 'baseline'} --profile nominal,massive -m 'qwen_fp32 and sdpa'" in err
-    assert cli.gate_suite_args(["--profile", "nominal"]) == ["--profile", "nominal"]
+    assert f"--comfyui={fake} --save-outputs --report-dir {out / 'baseline'} --conformance-profile nominal,massive -m 'qwen_fp32 and sdpa'" in err
+    assert cli.gate_suite_args(["--conformance-profile", "nominal"]) == ["--conformance-profile", "nominal"]
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="no ComfyUI checkout: set COMFYUI_PATH to gate a checkout against itself")

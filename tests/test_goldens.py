@@ -78,8 +78,8 @@ def test_input_tensors_are_stored_once_by_content(tmp_path):
 
 
 def test_missing_golden_names_the_command(tmp_path):
-    with pytest.raises(GoldenMissing, match="create it with: pytest suites --update-goldens"):
-        GoldenStore(tmp_path, "committed").load(KEY, "w" * 64, "pytest suites --update-goldens")
+    with pytest.raises(GoldenMissing, match="create it with: pytest suites --conformance-update-goldens"):
+        GoldenStore(tmp_path, "committed").load(KEY, "w" * 64, "pytest suites --conformance-update-goldens")
 
 
 def test_tampered_output_file_and_input_tensor_are_detected(tmp_path):
@@ -89,7 +89,7 @@ def test_tampered_output_file_and_input_tensor_are_detected(tmp_path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # flip one bit of the last float
     path.write_bytes(bytes(data))
-    with pytest.raises(GoldenTampered, match="changed outside --update-goldens"):
+    with pytest.raises(GoldenTampered, match="changed outside --conformance-update-goldens"):
         store.load(KEY, "w" * 64, "CMD")
     assert any("does not match its manifest sha256" in p for p in store.verify())
 
@@ -117,7 +117,7 @@ def test_other_weights_make_a_golden_stale(tmp_path):
 def test_an_existing_golden_is_replaced_only_when_asked(tmp_path):
     store = GoldenStore(tmp_path, "committed")
     first = _write(store, 1.0)
-    with pytest.raises(GoldenConflict, match="only with --update-goldens"):
+    with pytest.raises(GoldenConflict, match="only with --conformance-update-goldens"):
         _write(store, 1.5)
     assert store.load(KEY, "w" * 64, "CMD").sha256 == first.new_sha256
     changed = _write(store, 1.5, replace=True)

@@ -30,7 +30,7 @@ from conformance.kernels import (
     triton_interpreter,
 )
 from conformance.probes import tensor_stats
-from conformance.strategies import DTYPES, LAYOUTS, edge_values, float_tensors, storage_size, top_spacing, view_as_layout
+from tests.strategies import DTYPES, LAYOUTS, edge_values, float_tensors, storage_size, top_spacing, view_as_layout
 
 CUDA = torch.cuda.is_available()
 TRITON_ON_CUDA = CUDA and triton_available()

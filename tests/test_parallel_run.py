@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conformance.paths import REPO_ROOT
-from conformance.plugin import worker_device
+from conformance.session import worker_device
 from conformance.progress import Progress
 from conformance.results import CaseResult
 from conformance.rundir import JSONL_FILE, load_results

@@ -138,7 +138,7 @@ def test_vae_budgets_override_the_block_budgets_only_where_declared():
 # -- the suite, as users run it --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vae_nominal_run(tmp_path_factory):
-    return run_suite(tmp_path_factory.mktemp("vae"), "-m", "vae", "--profile", "nominal", "--tier", "default")
+    return run_suite(tmp_path_factory.mktemp("vae"), "-m", "vae", "--conformance-profile", "nominal", "--tier", "default")
 
 
 def test_vae_suite_passes_on_nominal_latents(vae_nominal_run):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from ..axes import FAMILY_NAMES
 from ..precision import Precision, get_precision
 from . import flux, qwen, vae, wan
 
-FAMILIES: dict[str, ModuleType] = {"qwen": qwen, "flux": flux, "wan": wan}
+FAMILIES: dict[str, ModuleType] = dict(zip(FAMILY_NAMES, (qwen, flux, wan), strict=True))
 
 
 def family_of(component: str) -> str:

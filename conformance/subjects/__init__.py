@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ..axes import SUBJECTS
 from .base import Subject, SubjectError
-
-SUBJECTS = ("diffusers", "comfyui")
 
 
 def load_subject(name: str, *, comfyui_path: str | Path | None = None, device: torch.device | None = None) -> Subject:
