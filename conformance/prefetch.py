@@ -1,14 +1,14 @@
 """Goldens made ahead of the cases that need them, by a second process on the CPU.
 
-Goldens are float64 forwards on the CPU (``Engine._golden_outputs`` says why not on the GPU). On a GPU runner a case's
-own work is on the device while the host's cores wait: a real-scale golden (seconds of float64 on a many-core host)
-made when its first case arrives stops the matrix for that long, 42 times in the nightly selection. The prefetcher is
-one process (``spawn``, so it shares no CUDA or ComfyUI state with the run) that walks the run's goldens in the order
-the cases will want them and creates the missing ones in the local store, through the same ``Engine.golden`` and the
-same per-golden locks as the run. Whoever asks first makes a golden: the run waits for one the prefetcher is making,
-the prefetcher skips one the run is making. A golden the
-prefetcher made carries the run's id, so the run takes it without the recomputation it would spend on a golden made
-by a stranger (``Engine._confirm``).
+On a CUDA run the goldens of a component whose float64 forward rounds in float32 somewhere stay on the CPU
+(``Engine.golden_device``). A case's own work is on the device while the host's cores wait: a real-scale golden
+(seconds of float64 on a many-core host) made when its first case arrives stops the matrix for that long. The
+prefetcher is one process (``spawn``, so it shares no CUDA or ComfyUI state with the run) that walks the run's
+CPU-made goldens in the order the cases will want them and creates the missing ones in the local store, through the
+same ``Engine.golden`` and the same per-golden locks as the run. Whoever asks first makes a golden: the run waits for
+one the prefetcher is making, the prefetcher skips one the run is making. A golden the prefetcher made carries the
+run's id, so the run takes it without the recomputation it would spend on a golden made by a stranger
+(``Engine._confirm``).
 
 Stopping: the run stops the prefetcher when it ends (SIGTERM: a golden being written removes its temporary files; the
 stores' writes are atomic and their locks die with the process), so an interrupted run leaves complete goldens only.

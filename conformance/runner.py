@@ -248,11 +248,15 @@ class Engine:
     def float32_islands(self, component: str) -> dict[str, int]:
         """The float32 ops of the component's float64 forward (tiny scale, nominal inputs, on the CPU) whose bits
         another device's kernels need not reproduce: ``"op (dtype)": count``."""
+        return self.float32_ops(component).may_differ()
+
+    def float32_ops(self, component: str) -> Islands:
+        """Every low-precision op of the component's float64 forward (tiny scale, nominal inputs, on the CPU)."""
         inputs = self.inputs(component, "tiny", "nominal")  # built by the subject's embedders in float32: not the golden's
         mode = Islands()
         with mode:
             self.forward(component, "tiny", None, self.subject.golden_backend_for(component), inputs, device=torch.device("cpu"), probes=False)
-        return mode.may_differ()
+        return mode
 
     def _golden_outputs(self, key: GoldenKey, inputs: ComponentInputs, why: str = "computing") -> dict[str, torch.Tensor]:
         backend = self.subject.golden_backend_for(key.component)

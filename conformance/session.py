@@ -161,7 +161,7 @@ class ConformanceSession:
                 )
 
     def opt(self, name: str):
-        """An option's value by its key in ``conformance.plugin.OPTIONS`` (``"device"`` for --conformance-device)."""
+        """An option's value by its key in ``conformance.options.OPTIONS`` (``"device"`` for --conformance-device)."""
         return option(self.config, name)
 
     @property

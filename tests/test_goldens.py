@@ -392,10 +392,11 @@ def test_a_golden_made_on_the_gpu_agrees_with_the_cpu_made_one(tmp_path, subject
     device = gpu.golden_device(component)
     outputs = gpu._golden_outputs(committed.key, gpu._stored_inputs(committed)) if device.type == "cuda" else None
     if outputs is None:
-        assert gpu.float32_islands(component), f"{component}: kept on the CPU without a float32 island"
+        islands = gpu.float32_islands(component)
+        assert islands, f"{component}: kept on the CPU without a float32 island"
         with torch.no_grad():
             run = gpu.forward(component, "tiny", None, gpu.subject.golden_backend_for(component), gpu._stored_inputs(committed), device=torch.device("cuda"), probes=False)
-        print(f"{subject_name} {component} {profile}: on the CPU ({gpu.float32_islands(component)}); the GPU's float64 differs by {outputs_agree(committed.outputs, {k: v.cpu() for k, v in run.outputs.items()})[1]} float32 ulps")
+        print(f"{subject_name} {component} {profile}: on the CPU ({islands}); the GPU's float64 differs by {outputs_agree(committed.outputs, {k: v.cpu() for k, v in run.outputs.items()})[1]} float32 ulps")
         return
     agree, ulps = outputs_agree(committed.outputs, outputs)
     print(f"{subject_name} {component} {profile}: made on the GPU, worst difference {ulps} float32 ulps")
