@@ -36,7 +36,7 @@ import math
 import os
 import threading
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,7 +57,7 @@ INTERPRETER_PROGRAMS = 3  # under TRITON_INTERPRET=1 there are no SMs; an odd co
 # barrier (``_triton_kernels`` says why), many of them per SM for loads in flight.
 CLAMP_TILE_BYTES = 4096  # one warp's loop step: eight 16-byte vectors per thread
 CLAMP_NUM_WARPS = 1
-CLAMP_PROGRAMS_PER_SM = 16
+CLAMP_PROGRAMS_PER_SM = 128  # more than fit at once (~60 registers a thread): the sweep in docs/gpu-notes.md
 
 
 def finite_stats(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -243,14 +243,40 @@ def clamp_with_stats(
     ``limit=None, nan=v`` is ``torch.nan_to_num(x, nan=v)``; ``limit=65504`` on fp16 is diffusers' clip. A ``nan``
     that is itself NaN replaces nothing.
     """
+    plan = _CLAMP_PLANS.get((x.dtype, limit, None if nan is None else float(nan).hex())) if impl == "auto" and x.is_cuda else None
+    if plan is not None and x.is_contiguous():  # the guards' call, again: what the checks below found, remembered
+        launched = _launch_clamp_direct(x, plan)
+        return launched if launched is not None else _launch_clamp(x, plan, torch.empty_like(x))
     _require_floating(x)
     if limit is not None and not limit >= 0:  # `not >=` also refuses NaN
         raise ValueError(f"limit must be a non-negative number or None, not {limit!r}")
     bound = dtype_value(torch.finfo(x.dtype).max if limit is None else abs(limit), x.dtype)  # abs: -0.0 is 0.0
     replacement = None if nan is None or math.isnan(nan) else dtype_value(nan, x.dtype)
     if select_impl(x, impl) == "triton":
-        return _triton_clamp(x, bound, replacement)
+        return _triton_clamp(x, bound, replacement, remember=(limit, nan) if impl == "auto" else None)
     return _torch_clamp_with_stats(x.detach(), bound, replacement)
+
+
+@dataclass(frozen=True)
+class _ClampPlan:
+    """What a clamp of one dtype, bound and replacement launches with: found once by ``clamp_with_stats``'s checks,
+    then taken straight from ``_CLAMP_PLANS`` by the calls that repeat them (a guard calls with the same arguments on
+    every boundary; the checks and conversions are host microseconds that a 100-microsecond kernel's caller feels)."""
+
+    integers: tuple[int, int, int]  # the bits of the bound, of minus the bound, of the replacement
+    constexprs: dict
+    element_size: int
+    # (device index, raw stream) -> (compiled kernel, scratch address, programs at most), once a launch there compiled
+    ready: dict = field(default_factory=dict, compare=False)
+
+    @functools.cached_property
+    def constexpr_values(self) -> tuple:
+        return tuple(self.constexprs.values())
+
+
+# (dtype, limit, nan.hex() or None) -> plan, for CUDA tensors of a triton dtype with impl="auto". The hex form tells
+# -0.0 from 0.0; a NaN ``nan`` never matches its own key, so it always takes the checked path (which replaces nothing).
+_CLAMP_PLANS: dict[tuple, _ClampPlan] = {}
 
 
 def select_impl(x: torch.Tensor, impl: str = "auto") -> str:
@@ -350,7 +376,7 @@ def _torch_clamp_with_stats(x: torch.Tensor, bound: float, replacement: float | 
 # -- triton path -----------------------------------------------------------------------------------------------------
 
 
-def _triton_clamp(x: torch.Tensor, bound: float, replacement: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_clamp(x: torch.Tensor, bound: float, replacement: float | None, remember: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the clamp kernel on ``x``. Returns (out, ``[*STATS, touched]``).
 
     One launch, through ``_Launcher`` once the kernel is compiled: the kernel's floor is the memory's rate (200 MiB
@@ -366,24 +392,84 @@ def _triton_clamp(x: torch.Tensor, bound: float, replacement: float | None) -> t
     else:
         source = x.detach().contiguous()
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n = x.numel()
-    if n == 0:
-        return out, torch.zeros(len(CLAMP_STATS), dtype=torch.float64, device=x.device)
+    plan = _ClampPlan(_clamp_bits(bound, replacement, x.dtype), _clamp_constexprs(x.dtype, replacement is not None), x.element_size())
+    if remember is not None and x.is_cuda and not triton_interpreter():
+        limit, nan = remember
+        _CLAMP_PLANS[(x.dtype, limit, None if nan is None else float(nan).hex())] = plan
+    return _launch_clamp(source, plan, out)
 
-    device = x.device
-    limit_bits, negative_limit_bits, nan_bits = _clamp_bits(bound, replacement, x.dtype)
+
+def _launch_clamp(source: torch.Tensor, plan: _ClampPlan, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the clamp kernel from dense ``source`` into ``out`` (the same strides): (out, the statistics)."""
+    n = source.numel()
+    device = source.device
+    if n == 0:
+        return out, torch.zeros(len(CLAMP_STATS), dtype=torch.float64, device=device)
     with _on_device(device):
         stats = torch.empty(len(CLAMP_STATS), dtype=torch.float64, device=device)
         scratch = _clamp_scratch(device)
-        programs = min(-(-n // (CLAMP_TILE_BYTES // x.element_size())), _max_programs(device, CLAMP_PROGRAMS_PER_SM))
-        _clamp_launcher()(
+        max_programs = _max_programs(device, CLAMP_PROGRAMS_PER_SM)
+        programs = min(-(-n // (CLAMP_TILE_BYTES // plan.element_size)), max_programs)
+        addresses = (source.data_ptr(), out.data_ptr(), scratch.data_ptr(), stats.data_ptr())
+        launcher = _clamp_launcher()
+        launcher(
             programs,
             device,
-            (source.data_ptr(), out.data_ptr(), scratch.data_ptr(), stats.data_ptr()),
+            addresses,
             lambda: (memory_order_view(source), memory_order_view(out), scratch, stats),
-            (n, limit_bits, negative_limit_bits, nan_bits),
-            _clamp_constexprs(x.dtype, replacement is not None),
+            (n, *plan.integers),
+            plan.constexprs,
         )
+        if device.type == "cuda" and all(a % 16 == 0 for a in addresses) and n < 2**31:
+            index = _device_index(device)
+            compiled = launcher.compiled.get((index, id(plan.constexprs), True, True, True, True, True, True, True, True))
+            if compiled is not None:
+                plan.ready[(index, torch._C._cuda_getCurrentRawStream(index))] = (compiled, scratch.data_ptr(), max_programs)
+    return out, stats
+
+
+_STATS_SLOTS: dict[int, list[torch.Tensor]] = {}
+STATS_SLOTS_PER_CHUNK = 1024
+
+
+def _stats_slot(index: int) -> torch.Tensor:
+    """A new float64 ``[5]`` tensor on CUDA device ``index`` for a clamp's statistics: a row of a chunk allocated 1024
+    rows at a time and split into views at once (an allocation per call is host time the guard feels). Each row is
+    handed out once, so no two calls share one; a chunk's memory goes when its last row does."""
+    free = _STATS_SLOTS.get(index)
+    if free:
+        try:
+            return free.pop()
+        except IndexError:  # another thread took the last one
+            pass
+    rows = list(torch.empty((STATS_SLOTS_PER_CHUNK, len(CLAMP_STATS)), dtype=torch.float64, device=torch.device("cuda", index)).unbind(0))
+    row = rows.pop()
+    _STATS_SLOTS[index] = rows
+    return row
+
+
+def _launch_clamp_direct(x: torch.Tensor, plan: _ClampPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The launch of a call that repeats an earlier one on this device and stream, straight to the compiled kernel
+    (what ``_Launcher`` does, without its key): a contiguous CUDA tensor on the current device, 16-byte aligned, of
+    fewer than 2**31 elements, no launch hook installed. None where any of that does not hold: the caller launches
+    through ``_launch_clamp``. Host time is the reason (docs/gpu-notes.md): a synchronous guard call pays it in full."""
+    index = x.get_device()
+    stream = torch._C._cuda_getCurrentRawStream(index)
+    ready = plan.ready.get((index, stream))
+    n = x.numel()
+    if ready is None or not 0 < n < 2**31 or index != torch.cuda.current_device() or not _no_launch_hooks():
+        return None
+    compiled, scratch_address, max_programs = ready
+    out = torch.empty_like(x)
+    x_address, out_address = x.data_ptr(), out.data_ptr()
+    if (x_address | out_address) % 16:
+        return None
+    stats = _stats_slot(index)
+    programs = min(-(-n // (CLAMP_TILE_BYTES // plan.element_size)), max_programs)
+    compiled.run(
+        programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+        x_address, out_address, scratch_address, stats.data_ptr(), n, *plan.integers, *plan.constexpr_values,
+    )  # fmt: skip
     return out, stats
 
 

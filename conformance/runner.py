@@ -79,6 +79,24 @@ align_onednn_isa()
 
 
 @contextlib.contextmanager
+def _ieee_float32(device: torch.device):
+    """On CUDA, float32 matmuls and convolutions in IEEE float32 for a case's forward. PyTorch leaves cuDNN's TF32 on
+    by default (and no subject turns it off), so a float32 convolution would round its inputs to 10 mantissa bits: the
+    fp32 decoders then err 100x their budget, which is float32's (docs/gpu-notes.md). Half precision is left to
+    PyTorch's defaults and the subject's settings: those are the kernels a deployment runs."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
 def _tf32_off():
     """TF32 and reduced-precision reductions off for a golden forward on CUDA (float64 uses neither; a float32 op
     inside a subject would)."""
@@ -381,7 +399,7 @@ class Engine:
             )
             kwargs = policy.prepare_inputs(kwargs, subject.cast_inputs(inputs, torch.float32, device), context, guard_run)
         try:
-            with torch.no_grad(), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
+            with torch.no_grad(), _ieee_float32(device), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
                 kwargs = prepare(kwargs)
                 with policy.apply(built.module, context, guard_run) if policy else contextlib.nullcontext(), probe_set:
                     _sync(device)

@@ -450,6 +450,11 @@ class ConformanceSession:
         slow = half_precision_path() if half else None
         if slow:
             notes.append(f"{len(half)} half-precision cases ran on the CPU: {slow}")
+        if any(r.outcome != "skipped" and (r.device or "cpu").startswith("cuda") for r in self.results):
+            notes.append(
+                "on CUDA every forward ran float32 matmuls and convolutions in IEEE float32 (TF32 off, also cuDNN's, which "
+                "PyTorch leaves on by default); half-precision kernels as PyTorch and the subject set them"
+            )
         return notes
 
     def options_info(self) -> dict:
@@ -472,7 +477,7 @@ class ConformanceSession:
         log = self.prefetch_log
         wanted, why = self.prefetch_wanted()
         if log is None:
-            return {"ran": False, "why": why if not wanted else "no golden of the selection was missing"}
+            return {"ran": False, "why": why if not wanted else "no missing golden of the selection is made on the CPU (the run's device makes the others)"}
         return {"ran": True, "why": why, "planned": log.planned, "made": len(log.made), "seconds": round(log.seconds, 2), "errors": log.errors}
 
     def run_info(self) -> dict:

@@ -194,6 +194,26 @@ def test_several_tiles_match_reference(device, impl, dtype, tiles, remainder, se
     assert torch.equal(stats.cpu(), expected_stats)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRITON_ON_CUDA, reason="needs CUDA and triton")
+@settings(deadline=None)
+@given(x=float_tensors(), limit=LIMITS, nan=REPLACEMENTS)
+def test_a_repeated_guard_call_takes_the_remembered_plan_and_agrees(x, limit, nan):
+    """A guard's second call with the same dtype, bound and replacement skips the checks (``_CLAMP_PLANS``) and
+    gives what the checked call gave, and the reference."""
+    from conformance.kernels import _CLAMP_PLANS, TRITON_DTYPES
+
+    x = x.cuda()
+    expected_out, expected_stats = reference_clamp(x, limit, nan)
+    first = clamp_with_stats(x, limit=limit, nan=nan)
+    key = (x.dtype, limit, None if nan is None else float(nan).hex())
+    assert (key in _CLAMP_PLANS) == (x.dtype in TRITON_DTYPES)
+    again = clamp_with_stats(x, limit=limit, nan=nan)
+    for out, stats in (first, again):
+        assert_same_values(out, expected_out)
+        assert torch.equal(stats.cpu(), expected_stats)
+
+
 @pytest.mark.parametrize(("device", "impl"), PATHS)
 @settings(deadline=None)
 @given(x=float_tensors(dtypes=(torch.float16,)), nan=st.sampled_from([0.0, None]))
