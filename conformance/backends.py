@@ -12,16 +12,57 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-BACKENDS: dict[str, str] = {
-    "sdpa": "torch scaled_dot_product_attention, torch picks the kernel",
-    "math": "torch SDPA pinned to the math kernel",
-    "split": "ComfyUI attention_split (query-sliced einsum)",
-    "sub_quad": "ComfyUI attention_sub_quad (chunked, memory-efficient)",
-    "basic": "ComfyUI attention_basic (full einsum)",
-    "xformers": "xformers memory_efficient_attention",
-    "sage": "SageAttention (INT8 QK, fp16/fp8 PV)",
-    "flash": "flash-attn flash_attn_func",
-}
+@dataclass(frozen=True)
+class Backend:
+    """An attention backend, declared once. Subjects keep only their mapping of ``name`` onto their own attention
+    functions; what it needs and what proves it ran is here, and guards, the matrix and the reports read it from here."""
+
+    name: str
+    description: str
+    package: tuple[str, str] | None = None  # the kernel package it needs: (module to import, distribution)
+    devices: tuple[str, ...] = ("cpu", "cuda")  # device types its kernel runs on
+    sdpa: bool = False  # it runs through torch's scaled_dot_product_attention (what upcast_attention intercepts)
+    kernel: str | None = None  # the package's entry point a spy counts as proof it ran (CallCounter label)
+
+    def device_reasons(self, device) -> list[str]:
+        return [] if device.type in self.devices else [f"needs a {' or '.join(d.upper() for d in self.devices)} device"]
+
+
+# In report order. A new backend is a row here plus one mapping per subject (docs/extending.md).
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        Backend("sdpa", "torch scaled_dot_product_attention, torch picks the kernel", sdpa=True),
+        Backend("math", "torch SDPA pinned to the math kernel", sdpa=True),
+        Backend("split", "ComfyUI attention_split (query-sliced einsum)"),
+        Backend("sub_quad", "ComfyUI attention_sub_quad (chunked, memory-efficient)"),
+        Backend("basic", "ComfyUI attention_basic (full einsum)"),
+        Backend(
+            "xformers", "xformers memory_efficient_attention", package=("xformers", "xformers"), devices=("cuda",),
+            kernel="xformers.ops.memory_efficient_attention",
+        ),
+        Backend(
+            "sage", "SageAttention (INT8 QK, fp16/fp8 PV)", package=("sageattention", "sageattention"), devices=("cuda",),
+            kernel="sageattention.sageattn",
+        ),
+        Backend(
+            "flash", "flash-attn flash_attn_func", package=("flash_attn", "flash-attn"), devices=("cuda",),
+            kernel="flash_attn.flash_attn_func",
+        ),
+    )
+}  # fmt: skip
+
+
+def backend_order() -> tuple[str, ...]:
+    """Backend names in report order, the cross-implementation check last."""
+    return (*BACKENDS, XCHECK)
+
+
+def table_reasons(backend: str, device) -> list[str]:
+    """Why ``backend`` cannot run on ``device`` by its row alone: its package, its devices. Subjects add their own."""
+    row = BACKENDS[backend]
+    return [*(package_reasons(*row.package) if row.package else []), *row.device_reasons(device)]
+
 
 # Not a backend: the cross-implementation check (same weights and inputs through two subjects' blocks, fp32).
 XCHECK = "xcheck"

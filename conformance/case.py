@@ -33,6 +33,8 @@ class Case:
     def markers(self) -> list[str]:
         precision_marker = get_precision(self.precision).marker
         names = [self.family, precision_marker, f"{self.family}_{precision_marker}", self.backend]
+        if self.precision != precision_marker:  # an fp8 variant: `-m fp8` takes them all, `-m fp8_scaled` one
+            names += [self.precision, f"{self.family}_{self.precision}"]
         if self.scale == "real":
             names.append("real")
         if self.kind == "vae":

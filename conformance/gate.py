@@ -532,12 +532,3 @@ def _same_selection(base_run: dict, cand_run: dict) -> bool:
     keys = ("scale", "profile", "guard", "markexpr", "keyword")
     b, c = base_run.get("options") or {}, cand_run.get("options") or {}
     return bool(b) and bool(c) and all(b.get(k) == c.get(k) for k in keys)
-
-
-def __getattr__(name: str):
-    """``gate_markdown`` and ``gate_html`` live in ``gate_report`` (renderers decide nothing); importable from here."""
-    if name in ("gate_markdown", "gate_html"):
-        from . import gate_report
-
-        return getattr(gate_report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

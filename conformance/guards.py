@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .backends import BACKENDS
 from .kernels import clamp_with_stats
 
 HALF = (torch.float16, torch.bfloat16)
@@ -229,7 +230,6 @@ class Fp32Residual(GuardPolicy):
 
 
 # -- upcast_attention ---------------------------------------------------------------------------------------------------
-SDPA_BACKENDS = ("sdpa", "math")
 
 
 class _UpcastSdpaMode(TorchFunctionMode):
@@ -257,7 +257,7 @@ class UpcastAttention(GuardPolicy):
 
     def support(self, family, component, precision, backend, is_vae):
         reason = super().support(family, component, precision, backend, is_vae)
-        if reason is None and backend not in SDPA_BACKENDS:
+        if reason is None and not BACKENDS[backend].sdpa:
             return f"upcast_attention upcasts torch SDPA calls; the {backend} backend does not go through them"
         return reason
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .atomic import write_text
-from .rundir import BACKEND_ORDER, PRECISION_ORDER, SCALE_ORDER, budget_rel_l2, check_document, load_results, ordered, rel_l2
+from .backends import backend_order
+from .rundir import PRECISION_ORDER, SCALE_ORDER, budget_rel_l2, check_document, load_results, ordered, rel_l2
 
 REPORT_FILE = "report.html"
 
@@ -114,7 +115,7 @@ def _row_order(cases: list[dict]) -> list[tuple[str, str, str, str]]:
 def _column_order(cases: list[dict]) -> list[tuple[str, str]]:
     present = set((c["precision"], c["backend"]) for c in cases)
     precisions = ordered([c["precision"] for c in cases], PRECISION_ORDER)
-    backends = ordered([c["backend"] for c in cases], BACKEND_ORDER)
+    backends = ordered([c["backend"] for c in cases], backend_order())
     return [(p, b) for p in precisions for b in backends if (p, b) in present]
 
 

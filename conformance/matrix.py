@@ -11,10 +11,9 @@ import torch
 
 from .backends import BACKENDS, XCHECK
 from .case import Case
-from .families import family_of, is_vae, profile_family
+from .families import component_profiles, family_of, is_vae
 from .guards import support_reason
 from .precision import PRECISIONS
-from .profiles import load_profiles
 from .subjects.base import Subject
 
 
@@ -36,7 +35,7 @@ def build_matrix(
         entries += _unavailable(subject, component, reason, scales, profiles, guards)
     for component in subject.components():
         family = family_of(component)
-        available_profiles = {n: p for n, p in load_profiles(profile_family(component)).items() if p.applies(component)}
+        available_profiles = {n: p for n, p in component_profiles(component).items() if p.applies(component)}
         for scale in scales:
             for profile in profiles or tuple(available_profiles):
                 if profile not in available_profiles:
@@ -67,7 +66,7 @@ def _unavailable(subject: Subject, component: str, reason: str, scales, profiles
     """The cases of a component the subject cannot offer: in the matrix, skipped with the one reason (so a gate sees
     a component that ran in its baseline and no longer builds)."""
     family = family_of(component)
-    available = [n for n, p in load_profiles(profile_family(component)).items() if p.applies(component)]
+    available = [n for n, p in component_profiles(component).items() if p.applies(component)]
     out = []
     for scale in scales:
         for profile in profiles or tuple(available):

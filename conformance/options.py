@@ -14,7 +14,7 @@ from .paths import DEFAULT_REPORT_DIR, GOLDEN_DIR
 from .prefetch import MODES as PREFETCH_MODES
 
 if TYPE_CHECKING:
-    from .session import ConformanceSession
+    from .session import ConformanceSession  # noqa: F401 (named in the stash key's type)
 
 SESSION = pytest.StashKey["ConformanceSession"]()
 

@@ -23,7 +23,6 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 # Axis orders for tables and heatmaps: the README's order, unknown values after these in order of appearance.
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_scaled", "fp8_block", "fp8_mm")
-BACKEND_ORDER = ("sdpa", "math", "split", "sub_quad", "basic", "xformers", "sage", "flash", "xcheck")
 SCALE_ORDER = ("tiny", "real")
 EXECUTED = ("passed", "failed", "xfailed", "error")
 

@@ -21,7 +21,7 @@ from . import compare
 from .backends import XCHECK, CallCounter
 from .case import Case
 from .expectations import ExpectedFailure, expected_failure_for
-from .families import component_module, family_of, family_precision, get_family, is_vae, profile_family
+from .families import component_family, component_profiles, family_of, family_precision, get_family, is_vae
 from .guards import GuardContext, GuardRun, get_policy
 from .families.common import apply_weight_stress, synthetic_weights
 from .goldens import (
@@ -40,7 +40,6 @@ from .islands import Islands
 from .machine import align_onednn_isa, cpu_path
 from .precision import PRECISIONS, Precision, get_precision
 from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
-from .profiles import load_profiles
 from .results import CaseResult
 from .save_stage import save_like_comfyui
 from .subjects.base import BuiltComponent, ComponentInputs, Subject, clone_tensors
@@ -167,13 +166,13 @@ class Engine:
         """Synthetic weights of a component; with a profile, after that profile's weight stresses (if any)."""
         key = (component, scale)
         if key not in self._weights:
-            family = component_module(component)
+            family = component_family(component)
             shapes = self.subject.weight_shapes(component, scale)
             if scale != "tiny":
                 self.options.progress(f"generating synthetic {scale} weights for {component} ({sum(map(_numel, shapes.values())) / 1e6:.0f} M values)")
-            self._weights.put(key, synthetic_weights(shapes, self.options.seed, family.FAMILY, family.INIT))
+            self._weights.put(key, synthetic_weights(shapes, self.options.seed, family.name, family.init))
         base = self._weights[key]
-        stresses = [w for w in load_profiles(profile_family(component))[profile].weights if w.applies(component)] if profile else ()
+        stresses = [w for w in component_profiles(component)[profile].weights if w.applies(component)] if profile else ()
         if not stresses:
             return base
         stressed_key = (component, scale, profile)
@@ -184,7 +183,7 @@ class Engine:
     def inputs(self, component: str, scale: str, profile: str) -> ComponentInputs:
         key = (component, scale, profile)
         if key not in self._inputs:
-            prof = load_profiles(profile_family(component))[profile]
+            prof = component_profiles(component)[profile]
             built = self.subject.inputs(component, scale, prof, self.weights(component, scale, profile), self.options.seed)
             built.profile = profile
             self._inputs.put(key, built)
@@ -518,11 +517,11 @@ class Engine:
     @staticmethod
     def output_outlier_channels(case: Case, outputs: Mapping[str, object]) -> dict[str, list[int]]:
         """Per output, the channels its profile holds at massive values (judged apart from the bulk)."""
-        family = component_module(case.component)
-        profile = load_profiles(profile_family(case.component))[case.profile]
+        family = component_family(case.component)
+        profile = component_profiles(case.component)[case.profile]
         out = {}
         for name in outputs:
-            stream = family.OUTPUT_STREAMS.get(name)
+            stream = family.output_streams.get(name)
             channels = sorted({c for o in profile.outliers if o.stream == stream for c in o.channels})
             if channels:
                 out[name] = channels
@@ -583,7 +582,7 @@ class Engine:
         start = time.perf_counter()
         partner = self.partner()
         family = get_family(case.family)
-        convert = family.XCHECK_INPUTS[(self.subject.name, partner.name)]
+        convert = family.xcheck_inputs[(self.subject.name, partner.name)]
         precision = get_precision("fp32")
         inputs = self.inputs(case.component, case.scale, case.profile)
         ours = self.forward(case.component, case.scale, precision, self.subject.reference_backend, inputs, probes=False)
@@ -596,7 +595,7 @@ class Engine:
         verdict = compare.judge_xcheck(per_output, compare.xcheck_budget(), ours.calls.as_dict(), theirs.calls.as_dict())
         partner_info = partner.info()
         # Not judged, reported: how our inputs differ from the ones the partner builds itself from the same profile.
-        own = partner.inputs(case.component, case.scale, load_profiles(case.family)[case.profile], self.weights(case.component, case.scale, case.profile), self.options.seed)
+        own = partner.inputs(case.component, case.scale, component_profiles(case.component)[case.profile], self.weights(case.component, case.scale, case.profile), self.options.seed)
         input_diffs = _input_differences(partner_inputs.kwargs, own.kwargs)
         return CaseResult(
             case,

@@ -37,6 +37,7 @@ from .rundir import JSONL_FILE
 from .tiers import in_tier
 
 PRECISION_MARKERS = tuple(dict.fromkeys(p.marker for p in PRECISIONS.values()))
+VARIANT_MARKERS = tuple(p.name for p in PRECISIONS.values() if p.name != p.marker)  # fp8_e4m3, fp8_scaled, ...
 GUARDS = GUARD_NAMES
 OTHER_MARKERS = {
     "vae": "VAE decoder cases",
@@ -56,12 +57,14 @@ def start(config: pytest.Config) -> ConformanceSession:
     align_onednn_isa()  # before torch runs a bf16 kernel (conformance.machine)
     for family in FAMILIES:
         config.addinivalue_line("markers", f"{family}: {family} components")
-        for marker in PRECISION_MARKERS:
+        for marker in PRECISION_MARKERS + VARIANT_MARKERS:
             config.addinivalue_line("markers", f"{family}_{marker}: {family} components in {marker}")
     for marker in PRECISION_MARKERS:
         config.addinivalue_line("markers", f"{marker}: cases in {marker}")
-    for backend, description in BACKENDS.items():
-        config.addinivalue_line("markers", f"{backend}: attention backend {backend} ({description})")
+    for name in VARIANT_MARKERS:
+        config.addinivalue_line("markers", f"{name}: cases in the {name} variant of {PRECISIONS[name].marker} ({PRECISIONS[name].description})")
+    for backend in BACKENDS.values():
+        config.addinivalue_line("markers", f"{backend.name}: attention backend {backend.name} ({backend.description})")
     for name, description in OTHER_MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
     session = ConformanceSession(config)

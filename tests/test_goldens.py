@@ -3,7 +3,6 @@ lock, and missing ones say how to create them."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess

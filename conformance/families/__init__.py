@@ -1,14 +1,27 @@
-"""Families: one module each (dims, canonical weight layout, streams, boundaries). Subject-neutral."""
+"""Families: one module each (dims, canonical weight layout, streams, boundaries), each declaring its ``Family``.
+Subject-neutral. ``FAMILIES`` is the registry: a new family is a module with its ``FAMILY``, an entry here (or
+``register_family`` from outside), one spec per subject and its profile file (docs/extending.md)."""
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from ..axes import FAMILY_NAMES
+from ..paths import PROFILES_DIR
 from ..precision import Precision, get_precision
+from ..profiles import Profile, load_profiles
 from . import flux, qwen, vae, wan
+from .common import Family
 
-FAMILIES: dict[str, ModuleType] = dict(zip(FAMILY_NAMES, (qwen, flux, wan), strict=True))
+FAMILIES: dict[str, Family] = {family.name: family for family in (qwen.FAMILY, flux.FAMILY, wan.FAMILY)}
+assert tuple(FAMILIES) == FAMILY_NAMES, "conformance.axes.FAMILY_NAMES names the families the command line knows"
+DECODERS: Family = vae.FAMILY
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to the registry (a test's or a plugin's family); its components' cases need a subject spec."""
+    if family.name in FAMILIES and FAMILIES[family.name] is not family:
+        raise ValueError(f"family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
 
 
 def family_of(component: str) -> str:
@@ -16,20 +29,26 @@ def family_of(component: str) -> str:
 
 
 def is_vae(component: str) -> bool:
-    return component in vae.COMPONENTS
+    return component in DECODERS.components
 
 
-def component_module(component: str) -> ModuleType:
-    """The module defining a component's weights, outputs and streams: its family's, or ``vae`` for decoders."""
-    return vae if is_vae(component) else get_family(family_of(component))
+def component_family(component: str) -> Family:
+    """The declaration behind a component's weights, outputs and streams: its family's, or the decoders' one."""
+    return DECODERS if is_vae(component) else get_family(family_of(component))
 
 
 def profile_family(component: str) -> str:
     """Which ``fixtures/profiles/<name>.toml`` holds the component's input profiles."""
-    return vae.FAMILY if is_vae(component) else family_of(component)
+    return component_family(component).profiles
 
 
-def get_family(name: str) -> ModuleType:
+def component_profiles(component: str) -> dict[str, Profile]:
+    """Every input profile of the component's profile file (each profile says which components it applies to)."""
+    family = component_family(component)
+    return load_profiles(family.profiles, family.profiles_dir or PROFILES_DIR)
+
+
+def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
     except KeyError:
@@ -39,7 +58,7 @@ def get_family(name: str) -> ModuleType:
 def family_precision(name: str, family: str) -> Precision:
     """The precision as this family runs it: fp8 paths compute in the family's default dtype (WAN: fp16)."""
     precision = get_precision(name)
-    compute = getattr(get_family(family), "FP8_COMPUTE_DTYPE", None)
+    compute = get_family(family).fp8_compute_dtype
     if precision.is_fp8 and compute is not None and compute != precision.compute_dtype:
         return precision.with_compute(compute)
     return precision

@@ -1,13 +1,16 @@
-"""Pieces every family uses: the synthetic weight rule and the weight generator."""
+"""Pieces every family uses: the ``Family`` declaration, the synthetic weight rule and the weight generator."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..axes import SUBJECTS
+from ..probes import InputProbe
 from ..synthetic import normal
 
 
@@ -35,6 +38,38 @@ class LayerInit:
             return 0.0, 1.0 / math.sqrt(shape[-1])
         fan_in = math.prod(shape[1:])
         return 0.0, self.linear_gain / math.sqrt(fan_in)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as the harness sees it apart from any subject, declared once as its module's ``FAMILY`` and
+    registered in ``conformance.families.FAMILIES`` (docs/extending.md). The module keeps the rest: its dims, weight
+    shapes and input builders, which the subjects' specs for its components call by name."""
+
+    name: str  # the marker, the namespace of its synthetic weights' seeds, the profile file's name
+    components: tuple[str, ...]
+    init: LayerInit  # how its synthetic weights are drawn
+    output_streams: Mapping[str, str]  # a block output -> the residual stream it continues (its outliers judged apart)
+    boundary_names: Mapping[tuple[str, str], Mapping[str, str]]  # (subject, component) -> {module path: label}
+    input_probes: Mapping[tuple[str, str], tuple[InputProbe, ...]]  # (subject, component) -> probes on module inputs
+    xcheck_inputs: Mapping[tuple[str, str], Callable] = field(default_factory=dict)  # (subject, partner) -> converter
+    fp8_compute_dtype: torch.dtype | None = None  # what fp8 paths compute in, where not the precision's own
+    profile_file: str | None = None  # <profiles_dir>/<profile_file>.toml; None: the family's name
+    profiles_dir: Path | None = None  # None: the suite's fixtures/profiles
+
+    @property
+    def profiles(self) -> str:
+        return self.profile_file or self.name
+
+
+def for_every_subject(components: Iterable[str], value):
+    """A ``Family`` table whose entry is the same for every subject and component (the subjects name modules alike)."""
+    return {(subject, component): value for subject in SUBJECTS for component in components}
+
+
+def by_subject(table: Mapping[str, Mapping[str, object]]):
+    """A ``Family`` table from ``{subject: {component: entry}}``."""
+    return {(subject, component): entry for subject, per_component in table.items() for component, entry in per_component.items()}
 
 
 def synthetic_weights(

@@ -15,9 +15,9 @@ import torch
 from ..probes import InputProbe
 from ..profiles import Profile
 from ..synthetic import normal
-from .common import LayerInit
+from .common import Family, LayerInit, by_subject
 
-FAMILY = "flux"
+NAME = "flux"
 COMPONENTS = ("flux.double", "flux.single")
 
 
@@ -189,9 +189,9 @@ GUIDANCE = 3.5  # FLUX.1-dev's default distilled guidance
 def raw_inputs(scale: str, profile: Profile, seed: int) -> RawInputs:
     dims, sizes = DIMS[scale], profile.sizes_for(scale)
     h, w = sizes.image_grid
-    latent = normal((1, dims.in_channels, 2 * h, 2 * w), seed, FAMILY, "input", scale, "latent", std=profile.latent_std)
-    context = normal((1, sizes.text_tokens, dims.context_dim), seed, FAMILY, "input", scale, "context", std=profile.context_std)
-    pooled = normal((1, dims.vec_dim), seed, FAMILY, "input", scale, "pooled", std=profile.context_std)
+    latent = normal((1, dims.in_channels, 2 * h, 2 * w), seed, NAME, "input", scale, "latent", std=profile.latent_std)
+    context = normal((1, sizes.text_tokens, dims.context_dim), seed, NAME, "input", scale, "context", std=profile.context_std)
+    pooled = normal((1, dims.vec_dim), seed, NAME, "input", scale, "pooled", std=profile.context_std)
     return RawInputs(latent, context, pooled, torch.tensor([profile.timestep]), torch.tensor([GUIDANCE]), (h, w))
 
 
@@ -279,3 +279,14 @@ INPUT_PROBES = {
         "flux.single": (InputProbe("proj_out", 0, "attention kernel output + mlp activation", "", "cat(attn, gelu(mlp))"),),
     },
 }
+
+
+FAMILY = Family(
+    name=NAME,
+    components=COMPONENTS,
+    init=INIT,
+    output_streams=OUTPUT_STREAMS,
+    boundary_names=by_subject(BOUNDARY_NAMES),
+    input_probes=by_subject(INPUT_PROBES),
+    xcheck_inputs=XCHECK_INPUTS,
+)

@@ -15,9 +15,9 @@ import torch
 from ..probes import InputProbe
 from ..profiles import Profile
 from ..synthetic import normal
-from .common import LayerInit
+from .common import Family, LayerInit, for_every_subject
 
-FAMILY = "qwen"
+NAME = "qwen"
 COMPONENTS = ("qwen.block",)
 
 
@@ -114,12 +114,12 @@ def raw_inputs(scale: str, profile: Profile, seed: int) -> RawInputs:
     dims, sizes = DIMS[scale], profile.sizes_for(scale)
     h, w = sizes.image_grid
     latent_channels = dims.in_channels // (dims.patch_size * dims.patch_size)
-    latent = normal((1, latent_channels, 1, 2 * h, 2 * w), seed, FAMILY, "input", scale, "latent", std=profile.latent_std)
+    latent = normal((1, latent_channels, 1, 2 * h, 2 * w), seed, NAME, "input", scale, "latent", std=profile.latent_std)
     context = normal(
-        (1, sizes.text_tokens, dims.joint_attention_dim), seed, FAMILY, "input", scale, "context", std=profile.context_std
+        (1, sizes.text_tokens, dims.joint_attention_dim), seed, NAME, "input", scale, "context", std=profile.context_std
     )
     references = tuple(
-        normal(latent.shape, seed, FAMILY, "input", scale, "reference", str(i), std=profile.latent_std) for i in range(profile.references)
+        normal(latent.shape, seed, NAME, "input", scale, "reference", str(i), std=profile.latent_std) for i in range(profile.references)
     )
     return RawInputs(latent, context, torch.tensor([profile.timestep], dtype=torch.float32), (h, w), references)
 
@@ -145,3 +145,14 @@ def comfyui_inputs_to_diffusers(component: str, kwargs: dict, text_tokens: int) 
 
 # (subject, partner) -> input conversion. Weight layouts of the two subjects are identical for Qwen-Image.
 XCHECK_INPUTS = {("comfyui", "diffusers"): comfyui_inputs_to_diffusers}
+
+
+FAMILY = Family(
+    name=NAME,
+    components=COMPONENTS,
+    init=INIT,
+    output_streams=OUTPUT_STREAMS,
+    boundary_names=for_every_subject(COMPONENTS, BOUNDARY_NAMES),
+    input_probes=for_every_subject(COMPONENTS, INPUT_PROBES),
+    xcheck_inputs=XCHECK_INPUTS,
+)

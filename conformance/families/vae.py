@@ -21,9 +21,9 @@ import torch
 from ..probes import GuardSpy
 from ..profiles import Profile
 from ..synthetic import normal
-from .common import LayerInit
+from .common import Family, LayerInit
 
-FAMILY = "vae"
+NAME = "vae"
 COMPONENTS = ("qwen.vae", "wan.vae21", "wan.vae22", "flux.vae")
 
 # Per-channel statistics of each VAE's latent space: ComfyUI comfy/latent_formats.py (Wan21, Wan22, Flux) = diffusers'
@@ -116,7 +116,7 @@ def raw_latent(component: str, scale: str, profile: Profile, seed: int) -> torch
     dims, sizes = DIMS[component][scale], profile.sizes_for(scale)
     h, w = sizes.image_grid
     shape = (1, dims.z_dim, sizes.frames, h, w) if dims.video else (1, dims.z_dim, h, w)
-    z = normal(shape, seed, FAMILY, "latent", dims.kind, scale, std=profile.latent_std)
+    z = normal(shape, seed, NAME, "latent", dims.kind, scale, std=profile.latent_std)
     view = (1, -1) + (1,) * (len(shape) - 2)
     mean = torch.tensor(dims.latent_mean).reshape(view)
     std = torch.tensor(dims.latent_std).reshape(view)
@@ -126,3 +126,7 @@ def raw_latent(component: str, scale: str, profile: Profile, seed: int) -> torch
         flat[(i * 7919 + 13) % flat.numel()] = value  # fixed, spread-out positions
     return latent
 
+
+# Decoders are not a family of their own: their cases carry their model's family (qwen.vae is a qwen case); this
+# declaration holds what the harness needs of them as components (seeds, weight rule, profile file).
+FAMILY = Family(name=NAME, components=COMPONENTS, init=INIT, output_streams=OUTPUT_STREAMS, boundary_names={}, input_probes={})

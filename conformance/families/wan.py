@@ -20,9 +20,9 @@ import torch
 from ..probes import InputProbe
 from ..profiles import Profile
 from ..synthetic import normal
-from .common import LayerInit
+from .common import Family, LayerInit, by_subject
 
-FAMILY = "wan"
+NAME = "wan"
 COMPONENTS = ("wan.t2v", "wan.i2v", "wan.ti2v")
 CLIP_TOKENS = 257
 CLIP_DIM = 1280
@@ -148,11 +148,11 @@ def raw_inputs(component: str, scale: str, profile: Profile, seed: int) -> RawIn
     dims, sizes = DIMS[component][scale], profile.sizes_for(scale)
     h, w = sizes.image_grid
     frames = sizes.frames
-    latent = normal((1, dims.in_dim, frames, 2 * h, 2 * w), seed, FAMILY, "input", component, scale, "latent", std=profile.latent_std)
-    context = normal((1, sizes.text_tokens, dims.text_dim), seed, FAMILY, "input", scale, "context", std=profile.context_std)
+    latent = normal((1, dims.in_dim, frames, 2 * h, 2 * w), seed, NAME, "input", component, scale, "latent", std=profile.latent_std)
+    context = normal((1, sizes.text_tokens, dims.text_dim), seed, NAME, "input", scale, "context", std=profile.context_std)
     clip = None
     if dims.cross == "i2v":
-        clip = normal((1, CLIP_TOKENS, CLIP_DIM), seed, FAMILY, "input", scale, "clip", std=profile.context_std)
+        clip = normal((1, CLIP_TOKENS, CLIP_DIM), seed, NAME, "input", scale, "clip", std=profile.context_std)
     t = profile.timestep * 1000.0  # WAN is a 1000-step flow model: ComfyUI ModelSamplingDiscreteFlow, diffusers' scheduler
     if dims.per_frame_timesteps:
         timestep = torch.full((1, frames), t)
@@ -224,3 +224,15 @@ _DIFFUSERS_PROBES = (
     InputProbe("norm3", 0, "residual after cross-attention", "", "hidden_states + attn2"),
 )
 INPUT_PROBES = {"comfyui": {c: _COMFY_PROBES for c in COMPONENTS}, "diffusers": {c: _DIFFUSERS_PROBES for c in COMPONENTS}}
+
+
+FAMILY = Family(
+    name=NAME,
+    components=COMPONENTS,
+    init=INIT,
+    output_streams=OUTPUT_STREAMS,
+    boundary_names=by_subject(BOUNDARY_NAMES),
+    input_probes=by_subject(INPUT_PROBES),
+    xcheck_inputs=XCHECK_INPUTS,
+    fp8_compute_dtype=FP8_COMPUTE_DTYPE,
+)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -226,13 +226,3 @@ class Subject(ABC):
     def settings(self) -> dict:
         """Global settings of the subject that affect numerics (recorded in the report)."""
         return {}
-
-
-@contextlib.contextmanager
-def patched(obj, attr: str, value) -> Iterator[None]:
-    original = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, original)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ...backends import BackendSupport, CallCounter, package_reasons
+from ...backends import BACKENDS, BackendSupport, CallCounter, table_reasons
 from .loader import ComfyUI
 
 FUNCTIONS = {
@@ -34,13 +34,13 @@ FUNCTIONS = {
     "sage": "attention_sage",
     "flash": "attention_flash",
 }
-# Kernel packages: (module to import, distribution, attribute on comfy.ldm.modules.attention, attribute in the package)
-PACKAGES = {
-    "sage": ("sageattention", "sageattention", "sageattn", "sageattn"),
-    "flash": ("flash_attn", "flash-attn", "flash_attn_func", "flash_attn_func"),
-    "xformers": ("xformers", "xformers", None, None),
+# Where ComfyUI holds a kernel package's entry point: (attribute on comfy.ldm.modules.attention, attribute in the
+# package); None: patched elsewhere (xformers, through xformers.ops). The package itself is the backend's row.
+PACKAGE_ATTRIBUTES = {
+    "sage": ("sageattn", "sageattn"),
+    "flash": ("flash_attn_func", "flash_attn_func"),
+    "xformers": (None, None),
 }
-CUDA_ONLY = {"xformers", "sage", "flash"}
 
 # ComfyUI's log lines when it silently replaces a kernel (comfy/ldm/modules/attention.py, comfy/ops.py).
 FALLBACK_PATTERNS = (
@@ -58,26 +58,15 @@ def backend_support(comfy: ComfyUI, backend: str, device: torch.device) -> Backe
         return BackendSupport(backend, (f"not a ComfyUI attention function (ComfyUI {comfy.version})",))
     if not hasattr(attention, function):
         return BackendSupport(backend, (f"ComfyUI {comfy.version} has no {function}",))
-    reasons: list[str] = []
-    if backend in PACKAGES:
-        module, dist, _, _ = PACKAGES[backend]
-        reasons += package_reasons(module, dist)
-    if backend in CUDA_ONLY and device.type != "cuda":
-        reasons.append("needs a CUDA device")
+    reasons = table_reasons(backend, device)
     if backend == "xformers" and not reasons and not comfy.features.get("xformers_enabled"):
         reasons.append("ComfyUI did not enable xformers at import (comfy.model_management.xformers_enabled() is False)")
     return BackendSupport(backend, tuple(reasons))
 
 
 def expected_kernels(backend: str) -> tuple[str, ...]:
-    labels = [f"comfy:{FUNCTIONS[backend]}"]
-    if backend == "sage":
-        labels.append("sageattention.sageattn")
-    elif backend == "flash":
-        labels.append("flash_attn.flash_attn_func")
-    elif backend == "xformers":
-        labels.append("xformers.ops.memory_efficient_attention")
-    return tuple(labels)
+    kernel = BACKENDS[backend].kernel
+    return (f"comfy:{FUNCTIONS[backend]}", *([kernel] if kernel else []))
 
 
 class _FallbackCatcher(logging.Handler):
@@ -125,21 +114,21 @@ def _patched(obj, attr: str, value) -> Iterator[None]:
 @contextlib.contextmanager
 def spy_kernel(comfy: ComfyUI, backend: str, counter: CallCounter) -> Iterator[None]:
     """Count calls into the kernel package, injecting the kernel where an older ComfyUI only imports it behind a flag."""
-    if backend not in PACKAGES:
+    if backend not in PACKAGE_ATTRIBUTES:
         yield
         return
-    module_name, _, attr, package_attr = PACKAGES[backend]
+    row = BACKENDS[backend]
+    module_name = row.package[0]
+    attr, package_attr = PACKAGE_ATTRIBUTES[backend]
     with contextlib.ExitStack() as stack:
         if backend == "xformers":
             ops = importlib.import_module("xformers.ops")
-            stack.enter_context(
-                _patched(ops, "memory_efficient_attention", counter.wrap("xformers.ops.memory_efficient_attention", ops.memory_efficient_attention))
-            )
+            stack.enter_context(_patched(ops, "memory_efficient_attention", counter.wrap(row.kernel, ops.memory_efficient_attention)))
         else:
             kernel = getattr(comfy.attention, attr, None)
             if kernel is None:
                 kernel = getattr(importlib.import_module(module_name), package_attr)
-            stack.enter_context(_patched(comfy.attention, attr, counter.wrap(f"{module_name}.{package_attr}", kernel)))
+            stack.enter_context(_patched(comfy.attention, attr, counter.wrap(row.kernel, kernel)))
         yield
 
 

@@ -304,8 +304,8 @@ class ComfyBlock:
         return BuiltComponent(
             module=block,
             call=lambda module, kwargs, sizes: self.spec.outputs(module(**kwargs), sizes),
-            boundary_names=_names(self.family, self.component),
-            input_probes=_probes(self.family, self.component),
+            boundary_names=self.family.boundary_names[("comfyui", self.component)],
+            input_probes=self.family.input_probes[("comfyui", self.component)],
             guards=self.spec.guards,
             notes=[the_plan.description, *notes],
             guard_note=self.spec.guard_note(precision),
@@ -334,13 +334,3 @@ class ComfyBlock:
         captured = apply_outliers(captured, profile.outliers, streams)
         captured = scale_modulation(captured, self.spec.modulation, profile.modulation_scale)
         return ComponentInputs(kwargs=captured, sizes=sizes, outlier_channels=outlier_channels(profile.outliers, streams))
-
-
-def _names(family, component: str) -> Mapping[str, str]:
-    names = family.BOUNDARY_NAMES
-    return names["comfyui"][component] if "comfyui" in names else names
-
-
-def _probes(family, component: str):
-    probes = family.INPUT_PROBES
-    return probes["comfyui"][component] if isinstance(probes, dict) else probes

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...backends import BackendSupport, CallCounter, package_reasons
+from ...backends import BACKENDS, BackendSupport, CallCounter, package_reasons
 from ...precision import Precision
 from ...profiles import Profile
 from ..base import BuiltComponent, ComponentInputs, Subject, SubjectError, SubjectInfo
@@ -24,9 +24,6 @@ BACKEND_NAMES = {
     "xformers": "xformers",
     "sage": "sage",
 }
-# Optional packages behind a backend: (module, distribution).
-BACKEND_PACKAGES = {"flash": ("flash_attn", "flash-attn"), "xformers": ("xformers", "xformers"), "sage": ("sageattention", "sageattention")}
-CUDA_ONLY = {"flash", "xformers", "sage"}
 
 
 def _import_diffusers():
@@ -84,17 +81,15 @@ class DiffusersSubject(Subject):
             return adapter.backend_support(backend, device)
         if backend not in BACKEND_NAMES:
             return BackendSupport(backend, (f"not offered by diffusers {self._diffusers.__version__} (a ComfyUI attention function)",))
-        reasons: list[str] = []
-        if backend in BACKEND_PACKAGES:
-            reasons += package_reasons(*BACKEND_PACKAGES[backend])
+        row = BACKENDS[backend]
+        reasons = package_reasons(*row.package) if row.package else []
         if not reasons:
             name = self._dispatch.AttentionBackendName(BACKEND_NAMES[backend])
             try:
                 self._dispatch._check_attention_backend_requirements(name)
             except RuntimeError as error:
                 reasons.append(str(error))
-        if backend in CUDA_ONLY and device.type != "cuda":
-            reasons.append("needs a CUDA device")
+        reasons += row.device_reasons(device)
         return BackendSupport(backend, tuple(reasons))
 
     def precision_support(self, precision: Precision, device: torch.device, component: str | None = None) -> tuple[str, ...]:

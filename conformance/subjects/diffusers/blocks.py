@@ -287,8 +287,8 @@ class DiffusersBlock:
         return BuiltComponent(
             module=block,
             call=lambda module, kwargs, sizes: self.spec.outputs(module(**kwargs), sizes),
-            boundary_names=_names(self.family, "diffusers", self.component),
-            input_probes=_probes(self.family, "diffusers", self.component),
+            boundary_names=self.family.boundary_names[("diffusers", self.component)],
+            input_probes=self.family.input_probes[("diffusers", self.component)],
             guards=self.spec.guards,
             notes=notes,
             guard_note=self.spec.guard_note(precision),
@@ -326,13 +326,3 @@ def _sizes(profile: Profile, scale: str) -> dict[str, int]:
     sizes = profile.sizes_for(scale)
     # edit-style references add image tokens of the same grid (only Qwen's profiles have them; its streams are not split)
     return {"image_tokens": sizes.image_tokens * (1 + profile.references), "text_tokens": sizes.text_tokens, "frames": sizes.frames}
-
-
-def _names(family, subject: str, component: str) -> Mapping[str, str]:
-    names = family.BOUNDARY_NAMES
-    return names[subject][component] if subject in names else names
-
-
-def _probes(family, subject: str, component: str):
-    probes = family.INPUT_PROBES
-    return probes[subject][component] if isinstance(probes, dict) else probes
