@@ -78,6 +78,12 @@ def _row(r: CaseResult) -> list[str]:
     ]
 
 
+def _cell(text: str) -> str:
+    """Text safe in a GitHub table cell or list item: a "|" would end the cell (the header's "max |x|" made 15 cells
+    of 13), a newline the row."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
     counts = Counter(r.outcome for r in results)
     subject = run.get("subject") or {}
@@ -92,18 +98,14 @@ def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
         "",
     ]
     lines += [f"> {note}" for note in run.get("notes") or []] + ([""] if run.get("notes") else [])
-    ran = [r for r in results if r.outcome != "skipped"]
-    if ran:
-        # A "|" inside a cell ends it on GitHub (the header's "max |x|" made 15 cells of 13): escape it everywhere.
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(r)) + " |" for r in ran]
-        lines.append("")
-    bad = [r for r in results if r.outcome in ("failed", "error", "xfailed")]
-    if bad:
-        lines += ["## Why", ""]
-        for r in bad:
-            lines.append(f"- `{r.id}` **{r.outcome}**: {r.reason}")
-        lines.append("")
+    # What needs attention comes first: a reader of a run with hundreds of cases must not scroll to find a failure.
+    failed = [r for r in results if r.outcome in ("failed", "error")]
+    if failed:
+        changed = [r for r in failed if any(f.get("kind") == "expectation" for f in r.failure_kinds)]
+        lines += [f"## Failed ({len(failed)})", ""]
+        if changed:
+            lines += [f"{len(changed)} of them matched a declared expected failure that now fails another way (changed expectation).", ""]
+        lines += [f"- `{r.id}` **{r.outcome}**: {_cell(r.reason or '')}" for r in failed] + [""]
     stale = [r for r in results if r.outcome == "passed" and r.expected_failure]
     if stale:
         lines += ["## Stale expected failures", "", "Declared non-strict in `fixtures/expected_failures.toml` and passed here:", ""]
@@ -112,13 +114,23 @@ def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
             example = next(r.id for r in stale if index in r.expected_failure["index"])
             lines.append(f"- expected[{index}]: {n} case(s) passed, e.g. `{example}`")
         lines.append("")
+    ran = [r for r in results if r.outcome != "skipped"]
+    if ran:
+        lines += ["## Cases", ""]
+        lines += ["| " + " | ".join(_cell(c) for c in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+        lines += ["| " + " | ".join(_cell(cell) for cell in _row(r)) + " |" for r in ran]
+        lines.append("")
+    xfailed = [r for r in results if r.outcome == "xfailed"]
+    if xfailed:
+        lines += [f"## Expected failures ({len(xfailed)})", ""]
+        lines += [f"- `{r.id}`: {_cell(r.reason or '')}" for r in xfailed] + [""]
     identity = run.get("golden_identity")
     if identity:
         lines += [f"Goldens keyed by `{identity.get('identity')}` ({identity.get('from')}).", ""]
     skipped = Counter(r.reason for r in results if r.outcome == "skipped")
     if skipped:
         lines += ["## Skipped", "", "| cases | reason |", "|---|---|"]
-        lines += [f"| {n} | {reason} |" for reason, n in skipped.most_common()]
+        lines += [f"| {n} | {_cell(reason or '')} |" for reason, n in skipped.most_common()]
         lines.append("")
     changes = run.get("golden_changes") or []
     if changes:

@@ -144,3 +144,49 @@ def test_verdicts_do_not_depend_on_the_cpu_path(tmp_path):
     assert {i.split("-")[1].split(".")[0] for i in ran} == {"flux", "wan"} and any("fp8_e4m3" in i for i in ran)
     differ = {i: (o, outcomes["avx2+cbwr"].get(i)) for i, o in outcomes["default"].items() if outcomes["avx2+cbwr"].get(i) != o}
     assert not differ, differ
+
+
+def test_summary_renders_as_one_table_with_failures_first():
+    """summary.md through a CommonMark + GFM-tables parser (markdown-it-py, what GitHub-like renderers do): one table
+    whose every row has the header's cells, "|" in a reason or a header kept inside its cell, failures and a changed
+    expectation listed before the table, expected failures after it."""
+    from markdown_it import MarkdownIt
+
+    from conformance.case import Case
+    from conformance.report import COLUMNS, summary_markdown
+    from conformance.results import CaseResult
+
+    def result(outcome: str, backend: str, reason: str | None = None, kinds=()) -> CaseResult:
+        case = Case("diffusers", "qwen", "qwen.block", "tiny", "fp16", backend, "massive")
+        return CaseResult(case, outcome, reason=reason, metrics={"rel_l2": 1e-3}, failure_kinds=list(kinds))
+
+    results = [
+        result("passed", "sdpa"),
+        result("xfailed", "math", "rel_l2 0.1 > budget | declared"),
+        result("failed", "split", "max |x| 7e4 | first at attn", [{"kind": "expectation", "message": "expected failure changed"}]),
+        result("skipped", "sage", "sage: needs a CUDA device | not here"),
+    ]
+    text = summary_markdown({"subject": {"name": "diffusers", "version": "0.42.1"}, "device": "cpu"}, results)
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings.index("Failed (1)") < headings.index("Cases") < headings.index("Expected failures (1)"), headings
+    tables, cells, row = [], [], None
+    for token in tokens:
+        if token.type == "table_open":
+            tables.append([])
+        elif token.type == "tr_open":
+            row = []
+        elif token.type in ("th_open", "td_open"):
+            cells.append(token.type)
+        elif token.type == "inline" and row is not None and cells:
+            row.append(token.content)
+            cells.pop()
+        elif token.type == "tr_close":
+            tables[-1].append(row)
+            row = None
+    cases = tables[0]
+    assert cases[0] == list(COLUMNS) and len(cases) == 1 + 3  # the header, then every case that ran
+    assert all(len(r) == len(COLUMNS) for r in cases)
+    assert "changed expectation" in text.split("## Cases")[0]
+    skipped = tables[1]
+    assert skipped[1] == ["1", "sage: needs a CUDA device | not here"]  # the escaped "|" stays inside the cell
