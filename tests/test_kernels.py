@@ -437,7 +437,7 @@ def test_the_direct_launch_is_taken_and_agrees_with_tritons_own(monkeypatch):
     """After the first call of a specialisation, the check launches the compiled kernel directly (no launch hook is
     installed); its statistics equal those of triton's own launch path and the reference, for aligned and unaligned
     tensors of several dtypes in one batch."""
-    import conformance.kernels as kernels
+    from conformance.kernels import launch, stats
 
     torch.manual_seed(5)
     base = torch.randn(3 * 2**20 + 7, device="cuda", dtype=torch.float16)
@@ -445,11 +445,11 @@ def test_the_direct_launch_is_taken_and_agrees_with_tritons_own(monkeypatch):
     base[2**20 + 3] = math.nan
     xs = [base, base[1:], torch.randn(4097, device="cuda", dtype=torch.bfloat16), base[5 : 2**20].view(-1, 1)]
     expected = torch.stack([reference_stats(x.cpu()) for x in xs])
-    assert kernels._no_launch_hooks()
+    assert launch._no_launch_hooks()
     first = finite_stats_many(xs).cpu()
-    assert kernels._stats_launcher().compiled, "no compiled kernel was kept for the direct launch"
+    assert stats._stats_launcher().compiled, "no compiled kernel was kept for the direct launch"
     direct = finite_stats_many(xs).cpu()
-    monkeypatch.setattr(kernels, "_no_launch_hooks", lambda: False)  # as with a profiler's hook: triton's own launch
+    monkeypatch.setattr(launch, "_no_launch_hooks", lambda: False)  # as with a profiler's hook: triton's own launch
     through_triton = finite_stats_many(xs).cpu()
     assert torch.equal(first, expected) and torch.equal(direct, expected) and torch.equal(through_triton, expected)
 
