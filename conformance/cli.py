@@ -45,7 +45,7 @@ def is_comfyui_checkout(path: Path) -> bool:
 
 
 def suite_command(checkout: Path, report_dir: Path, suite_args: list[str]) -> list[str]:
-    """The pytest command that runs the suite on one ComfyUI checkout (``--comfyui=PATH``: see the README)."""
+    """The pytest command that runs the suite on one ComfyUI checkout (``--comfyui=PATH``: README, "Testing a ComfyUI checkout")."""
     return [sys.executable, "-m", "pytest", "suites", "-q", f"--comfyui={checkout}", "--save-outputs", "--report-dir", str(report_dir), *suite_args]
 
 

@@ -1,6 +1,6 @@
 """Metrics against a golden, and the tolerance rules that turn numbers into a verdict.
 
-The rules (ARCHITECTURE.md, "Tolerance rules"), checked in this order, each failure recorded with its numbers:
+The rules (docs/verdicts.md; budgets in fixtures/budgets.toml), checked in this order, each failure recorded with its numbers:
 
 1. finite: no NaN/Inf at any probed boundary or output;
    no value saturated at the dtype's maximum (a clip or a saturating cast hid an overflow);

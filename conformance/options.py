@@ -26,7 +26,7 @@ OPTIONS: dict[str, tuple[str | None, dict]] = {
     "scale": ("--scale", {"default": "tiny", "help": f"comma-separated scales: {', '.join(SCALES)} (default: tiny)"}),
     "profile": (None, {"default": None, "help": "comma-separated input profiles (default: every profile of the family)"}),
     "tier": ("--tier", {"default": None, "choices": TIERS, "help": "default: blocks in full, decoders under the reference backend (the default run without -m/-k); nightly: everything"}),
-    "guard": ("--guard", {"default": "none", "help": "comma-separated guard policies, or 'all' (see README: Guards)"}),
+    "guard": ("--guard", {"default": "none", "help": "comma-separated guard policies, or 'all' (docs/findings.md: Guards)"}),
     "report_dir": ("--report-dir", {"default": None, "help": f"where results.json, summary.md and junit.xml go (default: {DEFAULT_REPORT_DIR})"}),
     "update_goldens": (None, {"action": "store_true", "help": "recompute the goldens the selected cases use; every change is reported"}),
     "golden_dir": ("--golden-dir", {"default": None, "help": f"committed golden store (default: {GOLDEN_DIR})"}),

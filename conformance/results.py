@@ -49,7 +49,7 @@ class CaseResult:
         return self.case.id
 
     def as_dict(self) -> dict:
-        """The ``results.json`` form of a case (ARCHITECTURE.md contract, plus extensions)."""
+        """The ``results.json`` form of a case (the contract: conformance/schema/results.schema.json, docs/reference.md)."""
         return _json_safe(
             {
                 "id": self.id,

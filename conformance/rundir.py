@@ -21,7 +21,7 @@ OUTPUTS_DIR = "outputs"
 BENCHMARK_FILE = "benchmark.json"
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
-# Axis orders for tables and heatmaps: the README's order, unknown values after these in order of appearance.
+# Axis orders for tables and heatmaps: docs/reference.md's order, unknown values after these in order of appearance.
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_scaled", "fp8_block", "fp8_mm")
 SCALE_ORDER = ("tiny", "real")
 EXECUTED = ("passed", "failed", "xfailed", "error")
