@@ -130,6 +130,25 @@ class _LRU(OrderedDict):
         return value
 
 
+@dataclass
+class _Gathered:
+    """What ``Engine._evidence`` gathered for one case, in the order ``Engine._result`` reads it."""
+
+    run: ForwardRun
+    per_output: dict
+    case_metrics: dict
+    reference: dict | None
+    evidence: compare.Evidence
+    stats: dict
+    nonfinite: dict | None
+    save: object
+    tiled: dict | None
+    tiled_metrics: dict
+    path_notes: list
+    outputs_file: str | None
+    inputs_file: str | None
+
+
 class Engine:
     def __init__(self, subject: Subject, options: EngineOptions) -> None:
         self.subject = subject
@@ -637,6 +656,14 @@ class Engine:
         mark = time.perf_counter()
         input_check = self.input_check(golden)
         self._add_phase("capture", mark)
+        gathered = self._evidence(case, precision, golden, inputs, input_check)
+        verdict = compare.judge(gathered.evidence, budget, declared)
+        return self._result(case, gathered, verdict, golden, inputs, input_check, budget, declared, start)
+
+    def _evidence(self, case: Case, precision, golden: Golden, inputs: ComponentInputs, input_check: InputCheck) -> "_Gathered":
+        """Everything the verdict is judged on: the case's forward (and its other backend paths, its tiled decode),
+        the comparison with the golden and the reference backend, the probes' first bad values, the save stage."""
+        vae = is_vae(case.component)
         paths = self.subject.backend_paths(case.component, case.backend)
         run = self.forward(case.component, case.scale, precision, case.backend, inputs, path=paths[0], tiled=vae, guard=case.guard)
         path_failures, path_notes = self._other_paths_agree(case, precision, inputs, run.outputs)
@@ -683,7 +710,13 @@ class Engine:
             save_stage=save.as_dict() if save else None,
             tiled=tiled,
         )
-        verdict = compare.judge(evidence, budget, declared)
+        return _Gathered(run, per_output, case_metrics, reference, evidence, stats, nonfinite, save, tiled, tiled_metrics, path_notes, outputs_file, inputs_file)
+
+    def _result(self, case: Case, gathered: "_Gathered", verdict, golden: Golden, inputs: ComponentInputs, input_check: InputCheck, budget, declared, start: float) -> CaseResult:
+        """The case's result record: the verdict with its numbers, the notes a reader needs, the golden's report."""
+        run, per_output, case_metrics, reference, evidence = gathered.run, gathered.per_output, gathered.case_metrics, gathered.reference, gathered.evidence
+        stats, nonfinite, save, tiled, tiled_metrics = gathered.stats, gathered.nonfinite, gathered.save, gathered.tiled, gathered.tiled_metrics
+        path_notes, outputs_file, inputs_file = gathered.path_notes, gathered.outputs_file, gathered.inputs_file
         notes = list(run.notes) + path_notes + verdict.notes
         if run.guard_note:
             notes.append(f"subject guard: {run.guard_note}")
