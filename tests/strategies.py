@@ -1,6 +1,6 @@
 """Hypothesis strategies for tensors whose values sit on the edges of their float format, in awkward layouts.
 
-The guarded kernels (``kernels.py``) classify values by the dtype's edges, so that is where their bugs would be: NaN,
+The guarded kernels (``conformance/kernels``) classify values by the dtype's edges, so that is where their bugs would be: NaN,
 ±inf, ±0, the smallest and the largest subnormal, the smallest normal, the largest finite value, and the values just
 above it that a conversion rounds back to it or up to inf. Element values mix those with floats of the dtype's width
 and floats anywhere in float64 (which round, overflow or flush when converted). Shapes have 1 to 3 dimensions of odd

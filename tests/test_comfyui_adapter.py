@@ -134,7 +134,7 @@ def test_every_committed_declaration_names_real_axis_values():
     from conformance.profiles import load_profiles
     from conformance.subjects import SUBJECTS
 
-    components = {c for module in FAMILIES.values() for c in module.COMPONENTS} | set(vae.COMPONENTS)
+    components = {c for family in FAMILIES.values() for c in family.components} | set(vae.COMPONENTS)
     profiles = {p for c in components for p in load_profiles(profile_family(c))}
     known = {
         "subject": set(SUBJECTS), "family": set(FAMILIES), "component": components, "scale": {"tiny", "real"},
