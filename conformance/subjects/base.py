@@ -144,16 +144,49 @@ def clone_tensors(obj):
     return obj
 
 
+class ComponentAdapter:
+    """How a subject builds and runs one component; the parts a component may decide for itself, declared here. Each
+    optional part returns None for "the subject's own rule" (a block's backends are the subject's attention table; a
+    decoder's attention is one function of its own, so its adapter answers for backends and kernels itself)."""
+
+    golden_backend: str | None = None  # the backend its goldens are computed with; None: the subject's
+    model_cls: type | None = None  # the subject's model class, where a profile's needs are checked against it
+
+    def residual_streams(self) -> tuple[str, ...]:
+        """Keyword names of the residual-stream inputs (what the fp32_residual guard keeps in fp32)."""
+        return ()
+
+    def accepts_transformer_options(self) -> bool:
+        """Whether the block takes ComfyUI's ``transformer_options`` (then the override path is offered)."""
+        return False
+
+    def precision_support(self, precision: Precision, device: torch.device) -> tuple[str, ...] | None:
+        return None
+
+    def backend_support(self, backend: str, device: torch.device) -> BackendSupport | None:
+        return None
+
+    def expected_kernels(self, backend: str) -> tuple[str, ...] | None:
+        return None
+
+    def use_backend(self, module: nn.Module, backend: str, counter: CallCounter) -> contextlib.AbstractContextManager | None:
+        return None
+
+
 class Subject(ABC):
     name: str
     reference_backend: str = "sdpa"  # a backend is judged against this one in the same precision
     golden_backend: str = "math"  # the backend goldens are computed with, in float64
     xcheck_partner: str | None = None  # another subject whose components this one is cross-checked against
 
+    def adapter_for(self, component: str | None) -> ComponentAdapter | None:
+        """The component's adapter, where the subject builds components through adapters (None otherwise)."""
+        return None
+
     def golden_backend_for(self, component: str) -> str:
         """The backend a component's goldens are computed with (a VAE's attention offers other functions)."""
-        adapter = getattr(self, "_components", {}).get(component)
-        return getattr(adapter, "golden_backend", None) or self.golden_backend
+        adapter = self.adapter_for(component)
+        return (adapter.golden_backend if adapter else None) or self.golden_backend
 
     def profile_reason(self, component: str, profile: Profile) -> str | None:
         """Why this subject cannot build ``profile``'s inputs for ``component`` (None: it can)."""
@@ -212,10 +245,8 @@ class Subject(ABC):
 
     def residual_streams(self, component: str) -> tuple[str, ...]:
         """Keyword names of the block's residual-stream inputs (what the fp32_residual guard keeps in fp32)."""
-        adapter = getattr(self, "_components", {}).get(component)
-        if adapter is None or not hasattr(adapter, "residual_streams"):
-            return ()
-        return adapter.residual_streams()
+        adapter = self.adapter_for(component)
+        return adapter.residual_streams() if adapter else ()
 
     def cast_inputs(self, inputs: ComponentInputs, dtype: torch.dtype, device: torch.device) -> dict[str, object]:
         return cast_tensors(inputs.kwargs, dtype, device)

@@ -66,8 +66,8 @@ class ComfyUISubject(Subject):
         return out
 
     def profile_reason(self, component: str, profile: Profile) -> str | None:
-        adapter = self._components.get(component)
-        if profile.references and hasattr(adapter, "model_cls"):
+        adapter = self.adapter_for(component)
+        if profile.references and adapter is not None and adapter.model_cls is not None:
             import inspect
 
             forward = getattr(adapter.model_cls, "_forward", adapter.model_cls.forward)
@@ -86,6 +86,9 @@ class ComfyUISubject(Subject):
     def unavailable_components(self) -> dict[str, str]:
         return dict(self.missing_components)
 
+    def adapter_for(self, component: str | None):
+        return self._components.get(component)
+
     def _adapter(self, component: str):
         try:
             return self._components[component]
@@ -94,21 +97,20 @@ class ComfyUISubject(Subject):
 
     # -- precisions and backends ----------------------------------------------------------------------------------
     def precision_support(self, precision: Precision, device: torch.device, component: str | None = None) -> tuple[str, ...]:
-        adapter = self._components.get(component)
-        if hasattr(adapter, "precision_support"):
-            return adapter.precision_support(precision, device)
-        return tuple(ops.support_reasons(self.comfy, precision, device))
+        adapter = self.adapter_for(component)
+        own = adapter.precision_support(precision, device) if adapter else None
+        return own if own is not None else tuple(ops.support_reasons(self.comfy, precision, device))
 
     def backend_support(self, backend: str, device: torch.device, component: str | None = None) -> BackendSupport:
-        adapter = self._components.get(component)
-        if hasattr(adapter, "backend_support"):
-            return adapter.backend_support(backend, device)
-        return attention.backend_support(self.comfy, backend, device)
+        adapter = self.adapter_for(component)
+        own = adapter.backend_support(backend, device) if adapter else None
+        return own if own is not None else attention.backend_support(self.comfy, backend, device)
 
     def expected_kernels(self, backend: str, precision: Precision | None = None, component: str | None = None) -> tuple[str, ...]:
-        adapter = self._components.get(component)
-        if hasattr(adapter, "expected_kernels"):
-            return adapter.expected_kernels(backend)
+        adapter = self.adapter_for(component)
+        own = adapter.expected_kernels(backend) if adapter else None
+        if own is not None:
+            return own
         kernels = attention.expected_kernels(backend)
         if precision is not None and precision.kind == "fp8_mm":
             kernels += ("torch._scaled_mm",)
@@ -116,8 +118,6 @@ class ComfyUISubject(Subject):
 
     def backend_paths(self, component: str, backend: str) -> tuple[str, ...]:
         adapter = self._adapter(component)
-        if not hasattr(adapter, "accepts_transformer_options"):
-            return ("rebind",)
         if self.comfy.features.get("optimized_attention_override") and adapter.accepts_transformer_options():
             return ("rebind", "override")
         return ("rebind",)
@@ -125,8 +125,9 @@ class ComfyUISubject(Subject):
     @contextlib.contextmanager
     def use_backend(self, module: nn.Module, backend: str, counter: CallCounter, path: str | None = None, component: str | None = None) -> Iterator:
         adapter = self._adapter(component or next(iter(self._components)))
-        if hasattr(adapter, "use_backend"):
-            with adapter.use_backend(module, backend, counter) as prepare:
+        own = adapter.use_backend(module, backend, counter)
+        if own is not None:
+            with own as prepare:
                 yield prepare
             return
         with contextlib.ExitStack() as stack:

@@ -21,7 +21,7 @@ from ...families.common import apply_outliers, outlier_channels, scale_modulatio
 from ...precision import Precision
 from ...probes import GuardSpy
 from ...profiles import Profile
-from ..base import ABSENT, BuiltComponent, ComponentInputs, SubjectError
+from ..base import ABSENT, BuiltComponent, ComponentAdapter, ComponentInputs, SubjectError
 from ..capture import accepted_kwargs, capture_block_inputs
 from .loader import ComfyUI
 from .ops import plan, prepare_state_dict
@@ -238,7 +238,7 @@ def _wan_spec(component: str) -> BlockSpec:
 SPECS = {spec.component: spec for spec in (QWEN, FLUX_DOUBLE, FLUX_SINGLE, *(_wan_spec(c) for c in wan.COMPONENTS))}
 
 
-class ComfyBlock:
+class ComfyBlock(ComponentAdapter):
     def __init__(self, comfy: ComfyUI, spec: BlockSpec) -> None:
         self.comfy = comfy
         self.spec = spec

@@ -32,7 +32,7 @@ from ...backends import BackendSupport, CallCounter
 from ...families import vae
 from ...precision import Precision
 from ...profiles import Profile
-from ..base import ABSENT, BuiltComponent, ComponentInputs, SubjectError
+from ..base import ABSENT, BuiltComponent, ComponentAdapter, ComponentInputs, SubjectError
 from .attention import catch_fallbacks, spy_kernel
 from .loader import ComfyUI
 
@@ -101,7 +101,7 @@ SPECS = {
 }
 
 
-class ComfyVae:
+class ComfyVae(ComponentAdapter):
     def __init__(self, comfy: ComfyUI, spec: VaeSpec) -> None:
         self.comfy = comfy
         self.spec = spec

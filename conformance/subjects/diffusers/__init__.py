@@ -68,6 +68,9 @@ class DiffusersSubject(Subject):
     def components(self) -> tuple[str, ...]:
         return tuple(self._components)
 
+    def adapter_for(self, component: str | None):
+        return self._components.get(component)
+
     def _adapter(self, component: str):
         try:
             return self._components[component]
@@ -76,9 +79,10 @@ class DiffusersSubject(Subject):
 
     # -- backends ---------------------------------------------------------------------------------------------
     def backend_support(self, backend: str, device: torch.device, component: str | None = None) -> BackendSupport:
-        adapter = self._components.get(component)
-        if hasattr(adapter, "backend_support"):
-            return adapter.backend_support(backend, device)
+        adapter = self.adapter_for(component)
+        own = adapter.backend_support(backend, device) if adapter else None
+        if own is not None:
+            return own
         if backend not in BACKEND_NAMES:
             return BackendSupport(backend, (f"not offered by diffusers {self._diffusers.__version__} (a ComfyUI attention function)",))
         row = BACKENDS[backend]
@@ -98,9 +102,10 @@ class DiffusersSubject(Subject):
         return (f"not offered by diffusers {self._diffusers.__version__} (a ComfyUI fp8 path)",)
 
     def expected_kernels(self, backend: str, precision: Precision | None = None, component: str | None = None) -> tuple[str, ...]:
-        adapter = self._components.get(component)
-        if hasattr(adapter, "expected_kernels"):
-            return adapter.expected_kernels(backend)
+        adapter = self.adapter_for(component)
+        own = adapter.expected_kernels(backend) if adapter else None
+        if own is not None:
+            return own
         return (f"diffusers:{BACKEND_NAMES[backend]}",)
 
     @contextlib.contextmanager
@@ -113,9 +118,10 @@ class DiffusersSubject(Subject):
         the function it then calls. Constraint checks are on while the case runs, so an unsupported dtype or device
         raises diffusers' own error instead of misbehaving.
         """
-        adapter = self._components.get(component)
-        if hasattr(adapter, "use_backend"):
-            with adapter.use_backend(module, backend, counter) as prepare:
+        adapter = self.adapter_for(component)
+        own = adapter.use_backend(module, backend, counter) if adapter else None
+        if own is not None:
+            with own as prepare:
                 yield prepare
             return
         registry = self._dispatch._AttentionBackendRegistry

@@ -18,7 +18,7 @@ from ...families.common import apply_outliers, outlier_channels, scale_modulatio
 from ...precision import Precision
 from ...probes import GuardSpy
 from ...profiles import Profile
-from ..base import BuiltComponent, ComponentInputs
+from ..base import BuiltComponent, ComponentAdapter, ComponentInputs
 from ..capture import accepted_kwargs, capture_block_inputs
 from .precision import apply_precision
 
@@ -240,7 +240,7 @@ def _wan_spec(component: str) -> BlockSpec:
 SPECS = {spec.component: spec for spec in (QWEN, FLUX_DOUBLE, FLUX_SINGLE, *(_wan_spec(c) for c in wan.COMPONENTS))}
 
 
-class DiffusersBlock:
+class DiffusersBlock(ComponentAdapter):
     def __init__(self, spec: BlockSpec) -> None:
         self.spec = spec
         self.component = spec.component

@@ -22,7 +22,7 @@ from ...backends import BackendSupport, CallCounter
 from ...families import vae
 from ...precision import Precision
 from ...profiles import Profile
-from ..base import BuiltComponent, ComponentInputs
+from ..base import BuiltComponent, ComponentAdapter, ComponentInputs
 from .precision import apply_precision
 
 DECODER_PARTS = ("decoder", "post_quant_conv")
@@ -79,7 +79,7 @@ BOUNDARY_NAMES = {
 }
 
 
-class DiffusersVae:
+class DiffusersVae(ComponentAdapter):
     def __init__(self, spec: VaeSpec) -> None:
         self.spec = spec
         self.component = spec.component
