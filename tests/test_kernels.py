@@ -194,6 +194,16 @@ def test_several_tiles_match_reference(device, impl, dtype, tiles, remainder, se
     assert torch.equal(stats.cpu(), expected_stats)
 
 
+def test_the_clamps_statistics_rows_are_aligned_as_its_direct_launch_assumes():
+    """The direct launch reuses a kernel specialised on 16-byte aligned pointers: every row handed out must be one."""
+    from conformance.kernels.clamp import STATS_SLOTS_PER_CHUNK, _stats_rows
+
+    rows = _stats_rows(torch.device("cpu"))
+    assert len(rows) == STATS_SLOTS_PER_CHUNK and all(r.shape == (5,) and r.is_contiguous() for r in rows)
+    assert all(r.data_ptr() % 16 == 0 for r in rows)
+    assert len({r.data_ptr() for r in rows}) == len(rows)  # no two calls share a row
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not TRITON_ON_CUDA, reason="needs CUDA and triton")
 @settings(deadline=None)

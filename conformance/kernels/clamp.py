@@ -91,9 +91,10 @@ def _launch_clamp(source: torch.Tensor, plan: _ClampPlan, out: torch.Tensor) -> 
             (n, *plan.integers),
             plan.constexprs,
         )
+        # the direct launch reuses this specialisation only: every address 16-byte aligned, every integer 32-bit
         if device.type == "cuda" and all(a % 16 == 0 for a in addresses) and n < 2**31:
             index = _device_index(device)
-            compiled = launcher.compiled.get((index, id(plan.constexprs), True, True, True, True, True, True, True, True))
+            compiled = launcher.compiled.get(launcher.key(index, addresses, (n, *plan.integers), plan.constexprs))
             if compiled is not None:
                 plan.ready[(index, torch._C._cuda_getCurrentRawStream(index))] = (compiled, scratch.data_ptr(), max_programs)
     return out, stats
@@ -113,10 +114,19 @@ def _stats_slot(index: int) -> torch.Tensor:
             return free.pop()
         except IndexError:  # another thread took the last one
             pass
-    rows = list(torch.empty((STATS_SLOTS_PER_CHUNK, len(CLAMP_STATS)), dtype=torch.float64, device=torch.device("cuda", index)).unbind(0))
+    rows = _stats_rows(torch.device("cuda", index))
     row = rows.pop()
     _STATS_SLOTS[index] = rows
     return row
+
+
+def _stats_rows(device: torch.device) -> list[torch.Tensor]:
+    """A chunk's rows: ``[5]`` float64 views whose addresses are 16-byte aligned like every fresh allocation, as the
+    direct launch's specialisation assumes (a row stride of 5 float64 would put every other row at 8 bytes: rows
+    are 6 wide, the last unused)."""
+    width = -(-len(CLAMP_STATS) * 8 // 16) * 16 // 8
+    chunk = torch.empty((STATS_SLOTS_PER_CHUNK, width), dtype=torch.float64, device=device)
+    return list(chunk[:, : len(CLAMP_STATS)].unbind(0))
 
 
 def _launch_clamp_direct(x: torch.Tensor, plan: _ClampPlan) -> tuple[torch.Tensor, torch.Tensor] | None:

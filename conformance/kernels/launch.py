@@ -43,11 +43,16 @@ class _Launcher:
         self.num_warps = num_warps
         self.compiled: dict[tuple, object] = {}
 
+    @staticmethod
+    def key(index: int, addresses: tuple[int, ...], integers: tuple[int, ...], constexprs: dict) -> tuple:
+        """What a compiled kernel is kept under: what triton specialised it on (the class docstring says what)."""
+        return (index, id(constexprs), *[a % 16 == 0 for a in addresses], *[-(2**31) <= i < 2**31 for i in integers])
+
     def __call__(self, grid: int, device: torch.device, addresses: tuple[int, ...], tensors, integers: tuple[int, ...], constexprs: dict) -> None:
         """``tensors`` makes the tensor arguments (views) for triton's own launch; ``addresses`` are their addresses.
         ``constexprs`` (values hashable, in the kernel's order) hold the dtype's facts, so they key the dtype too."""
         index = _device_index(device)
-        key = (index, id(constexprs), *[a % 16 == 0 for a in addresses], *[-(2**31) <= i < 2**31 for i in integers])
+        key = self.key(index, addresses, integers, constexprs)
         compiled = self.compiled.get(key)
         if compiled is not None and _no_launch_hooks():
             compiled.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(index), compiled.function, compiled.packed_metadata, None, None, None, *addresses, *integers, *constexprs.values())
