@@ -77,36 +77,34 @@ class ForwardRun:
 align_onednn_isa()
 
 
+# The CUDA settings a forward pins, as (namespace, attribute): TF32 for every forward, reduced-precision reductions
+# as well for a golden's (float64 uses neither; a float32 op inside a subject's float64 forward would).
+_TF32 = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"))
+_REDUCED_REDUCTIONS = (
+    (torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction"),
+    (torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction"),
+)
+
+
 @contextlib.contextmanager
-def _ieee_float32(device: torch.device):
-    """On CUDA, float32 matmuls and convolutions in IEEE float32 for a case's forward. PyTorch leaves cuDNN's TF32 on
-    by default (and no subject turns it off), so a float32 convolution would round its inputs to 10 mantissa bits: the
-    fp32 decoders then err 100x their budget, which is float32's (docs/gpu-notes.md). Half precision is left to
-    PyTorch's defaults and the subject's settings: those are the kernels a deployment runs."""
+def _cuda_numerics(device: torch.device, golden: bool = False):
+    """On CUDA, float32 matmuls and convolutions in IEEE float32 while the context is open; for a golden's forward
+    also no reduced-precision reductions. PyTorch leaves cuDNN's TF32 on by default (and no subject turns it off), so a
+    case's float32 convolution would round its inputs to 10 mantissa bits: the fp32 decoders then err 100x their
+    budget, which is float32's (docs/gpu-notes.md). A case's half precision is left to PyTorch's defaults and the
+    subject's settings: those are the kernels a deployment runs."""
     if device.type != "cuda":
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    settings = _TF32 + (_REDUCED_REDUCTIONS if golden else ())
+    saved = [getattr(owner, attr) for owner, attr in settings]
+    for owner, attr in settings:
+        setattr(owner, attr, False)
     try:
         yield
     finally:
-        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@contextlib.contextmanager
-def _tf32_off():
-    """TF32 and reduced-precision reductions off for a golden forward on CUDA (float64 uses neither; a float32 op
-    inside a subject would)."""
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction
-    matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    matmul.allow_fp16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = saved
+        for (owner, attr), value in zip(settings, saved):
+            setattr(owner, attr, value)
 
 
 def _real_builds_kept(device: torch.device) -> int:
@@ -299,7 +297,7 @@ class Engine:
         device = self.golden_device(key.component)
         self.options.progress(f"{why} golden {key.id} in float64 on {device.type} ({backend} attention)")
         start = time.perf_counter()
-        with _tf32_off() if device.type == "cuda" else contextlib.nullcontext():
+        with _cuda_numerics(device, golden=True):
             run = self.forward(key.component, key.scale, None, backend, inputs, device=device, probes=False)
         outputs = {name: value.to("cpu") for name, value in run.outputs.items()}
         seconds = time.perf_counter() - start
@@ -417,7 +415,7 @@ class Engine:
             )
             kwargs = policy.prepare_inputs(kwargs, subject.cast_inputs(inputs, torch.float32, device), context, guard_run)
         try:
-            with torch.no_grad(), _ieee_float32(device), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
+            with torch.no_grad(), _cuda_numerics(device), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
                 kwargs = prepare(kwargs)
                 with policy.apply(built.module, context, guard_run) if policy else contextlib.nullcontext(), probe_set:
                     _sync(device)
