@@ -127,15 +127,14 @@ def test_every_committed_declaration_names_real_axis_values():
     nothing: every value must name something the matrix has."""
     from conformance.backends import BACKENDS
     from conformance.expectations import load_expected_failures
-    from conformance.families import FAMILIES, family_of, profile_family, vae
+    from conformance.families import FAMILIES, component_profiles, family_of, vae
     from conformance.guards import GUARD_NAMES
     from conformance.paths import EXPECTED_FAILURES_FILE
     from conformance.precision import PRECISIONS
-    from conformance.profiles import load_profiles
     from conformance.subjects import SUBJECTS
 
     components = {c for family in FAMILIES.values() for c in family.components} | set(vae.COMPONENTS)
-    profiles = {p for c in components for p in load_profiles(profile_family(c))}
+    profiles = {p for c in components for p in component_profiles(c)}
     known = {
         "subject": set(SUBJECTS), "family": set(FAMILIES), "component": components, "scale": {"tiny", "real"},
         "precision": set(PRECISIONS), "backend": set(BACKENDS), "profile": profiles, "guard": set(GUARD_NAMES),

@@ -41,11 +41,10 @@ def dump(subject_name: str, comfyui: str | None, scales: list[str], out: Path, p
     import torch
     from safetensors.torch import save_file
 
-    from conformance.families import profile_family
+    from conformance.families import component_profiles
     from conformance.goldens import GoldenStore
     from conformance.inputs import pack
     from conformance.machine import cpu_path
-    from conformance.profiles import load_profiles
     from conformance.runner import Engine, EngineOptions
     from conformance.subjects import load_subject
 
@@ -55,7 +54,7 @@ def dump(subject_name: str, comfyui: str | None, scales: list[str], out: Path, p
     tensors, outliers = {}, {}
     for component in subject.components():
         for scale in scales:
-            for name, profile in load_profiles(profile_family(component)).items():
+            for name, profile in component_profiles(component).items():
                 if not profile.applies(component) or subject.profile_reason(component, profile) or (profiles and name not in profiles):
                     continue
                 built = engine.inputs(component, scale, name)

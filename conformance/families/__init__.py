@@ -37,11 +37,6 @@ def component_family(component: str) -> Family:
     return DECODERS if is_vae(component) else get_family(family_of(component))
 
 
-def profile_family(component: str) -> str:
-    """Which ``fixtures/profiles/<name>.toml`` holds the component's input profiles."""
-    return component_family(component).profiles
-
-
 def component_profiles(component: str) -> dict[str, Profile]:
     """Every input profile of the component's profile file (each profile says which components it applies to)."""
     family = component_family(component)
