@@ -33,7 +33,8 @@ from conformance.families import family_of
 from conformance.guards import GuardContext, GuardRun, get_policy, support_reason
 from conformance.precision import get_precision
 from conformance.kernels import HostStats
-from conformance.probes import Probes, floating_tensors, read_key
+from conformance.probes import Probes, read_key
+from conformance.trees import floating_tensors
 from conformance.runner import Engine
 
 pytestmark = pytest.mark.bench

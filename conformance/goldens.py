@@ -54,6 +54,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import publish
 from .inputs import digest, pack, tensor_names, unpack
+from .trees import leaves
 
 FORMAT = 2
 INPUTS_DIR = "inputs"
@@ -108,16 +109,11 @@ class GoldenConflict(GoldenError):
 def flatten_tensors(obj, prefix: str = "") -> dict[str, object]:
     """Nested kwargs -> flat ``name -> tensor or plain value``; complex tensors become their real view."""
     out: dict[str, object] = {}
-    if isinstance(obj, torch.Tensor):
-        out[prefix + ("@complex" if obj.is_complex() else "")] = torch.view_as_real(obj) if obj.is_complex() else obj
-    elif isinstance(obj, Mapping):
-        for key in obj:
-            out.update(flatten_tensors(obj[key], f"{prefix}.{key}" if prefix else str(key)))
-    elif isinstance(obj, (tuple, list)):
-        for i, item in enumerate(obj):
-            out.update(flatten_tensors(item, f"{prefix}.{i}"))
-    elif obj is not None:
-        out[prefix] = obj
+    for name, value in leaves(obj, prefix):
+        if isinstance(value, torch.Tensor) and value.is_complex():
+            out[name + "@complex"] = torch.view_as_real(value)
+        else:
+            out[name] = value
     return out
 
 

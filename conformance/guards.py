@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import trees
 from .backends import BACKENDS
 from .kernels import clamp_with_stats
 
@@ -184,13 +185,13 @@ class Fp32Residual(GuardPolicy):
         def pre_hook(layer, args, kwargs):
             target = _compute_dtype(layer, ctx.dtype)
             cast = lambda t: t.to(target) if t.is_floating_point() and t.dtype != target and t.dtype in (*HALF, torch.float32) else t  # noqa: E731
-            return _map_tensors(args, cast), _map_tensors(kwargs, cast)
+            return trees.map_tensors(args, cast), trees.map_tensors(kwargs, cast)
 
         def norm_pre_hook(layer, args, kwargs):
             # A norm reading the fp32 stream normalises it in fp32 (its half gains upcast for the call): casting the
             # stream down first would turn the values only fp32 holds into inf. On half inputs (q/k norms after a
             # half projection) it runs as built.
-            first = next(_flat_tensors((args, kwargs)), None)
+            first = next(trees.tensors((args, kwargs)), None)
             if first is not None and first.dtype == torch.float32:
                 params = dict(layer.named_parameters(recurse=False))
                 if any(p.dtype in HALF for p in params.values()):
@@ -204,7 +205,7 @@ class Fp32Residual(GuardPolicy):
                 getattr(layer, name).data = data
 
         def count_beyond(_module, _args, output):
-            for t in _flat_tensors(output):
+            for t in trees.tensors(output):
                 if t.dtype == torch.float32:
                     run.add((t.abs() > limit).sum())
 
@@ -293,7 +294,7 @@ class PartialFp16(GuardPolicy):
             for name, param in layer.named_parameters():
                 source = ctx.weights.get(f"{projection}.{name}") if ctx.weights is not None else None
                 param.data = (source if source is not None else param.data).to(device=param.device, dtype=torch.float32)
-            handles.append(layer.register_forward_pre_hook(lambda _m, args: _map_tensors(args, lambda t: t.float() if t.is_floating_point() else t)))
+            handles.append(layer.register_forward_pre_hook(lambda _m, args: trees.map_tensors(args, lambda t: t.float() if t.is_floating_point() else t)))
 
             def count(_m, _a, output):
                 run.add((output.abs() > limit).sum())
@@ -343,31 +344,8 @@ def _map_half(kwargs: dict, fn) -> dict:
     return {k: fn(v) if isinstance(v, torch.Tensor) and v.dtype in HALF else v for k, v in kwargs.items()}
 
 
-def _map_tensors(obj, fn):
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(x, fn) for x in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(x, fn) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
-
-
 def _map_outputs(output, fn):
-    return _map_tensors(output, lambda t: fn(t) if t.is_floating_point() else t)
-
-
-def _flat_tensors(obj) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from _flat_tensors(x)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            yield from _flat_tensors(x)
+    return trees.map_tensors(output, lambda t: fn(t) if t.is_floating_point() else t)
 
 
 def _compute_dtype(layer: nn.Module, activation: torch.dtype) -> torch.dtype:

@@ -1,25 +1,5 @@
-"""Probes: recording wrappers that watch every boundary of a component while it runs.
-
-Each probed tensor yields four numbers, computed on the tensor's device without a host sync: the count of non-finite
-values, the count of NaNs, the largest finite magnitude and the count of values sitting exactly at the dtype's
-largest finite value (what a ±65504 clip or an fp8 saturating cast leaves behind). The numbers of one forward are
-brought to the host in one transfer when the caller asks for them.
-
-Boundaries are
-
-* the output of every submodule (recorded when a module's forward returns, so their order is execution order and a
-  child is seen before the parent that contains it);
-* the component's own inputs (boundary ``input``): a bad value found there entered the component, it was not born
-  in it;
-* named inputs the subject declares, for tensors no module returns: the attention kernel's result as it enters the
-  output projection, the residual stream after an in-line ``x + gate * y`` as it enters the next norm.
-
-* the inputs of the subject's own guards (``torch.nan_to_num`` in ComfyUI's FLUX blocks, ``Tensor.clip`` in diffusers'):
-  a guard runs in-line in a block's forward, so without a spy an overflow it repairs leaves no trace but saturated
-  values (or zeros, for NaN). The spy records the tensor before the guard and how many values the guard changed,
-  attributed to the module whose forward called it.
-
-The first record, in firing order, holding a non-finite value names the module where the bad value was born.
+"""Probes: recording wrappers that watch every boundary of a component while it runs (what a boundary is, and the
+records they yield: ``conformance.boundaries``).
 
 Cost. Statistics are read in one batch after the forward (``kernels.HostStats``: one read of every tensor, one
 launch per dtype on CUDA, the numbers stored straight into pinned host memory), not by a kernel per output:
@@ -40,125 +20,24 @@ held.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-import functools
 import sys
-import types
 import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .boundaries import INPUT, ROOT, BoundaryRecord, GuardSpy, InputProbe, dtype_facts, output_labels, probed_modules
 from .kernels import HostStats, finite_stats
-
-ROOT = "block"
-INPUT = "input"
+from .trees import floating_tensors
 
 
 def tensor_stats(x: torch.Tensor) -> torch.Tensor:
     """``[nonfinite, nan, max finite |x|, saturated]`` as a float64 tensor on ``x``'s device (no host sync): the fused
     check of ``conformance.kernels`` (one read of ``x`` with Triton on CUDA, torch elsewhere)."""
     return finite_stats(x)
-
-
-@dataclass(frozen=True)
-class InputProbe:
-    """Watch input ``index`` of the module at ``module`` and report it as ``boundary``, produced by ``produced_by``."""
-
-    module: str
-    index: int
-    boundary: str
-    produced_by: str
-    tensor: str
-
-
-@dataclass(frozen=True)
-class GuardSpy:
-    """A guard function of the subject, by where it is looked up at call time (``owner.attr``)."""
-
-    owner: object
-    attr: str
-    label: str
-
-
-class BoundaryRecord:
-    """One boundary tensor of a forward and its statistics.
-
-    ``Probes.records`` makes the records while the forward's statistics are still being computed, and the numbers are
-    read from the forward's one host list when asked for (``_box``: the shared box the list lands in; ``_at`` and
-    ``_touched_at``: where this record's four numbers and its guard count sit in it); the one synchronisation then only
-    has to drop the list in the box.
-    """
-
-    FIELDS = ("order", "boundary", "module", "tensor", "dtype", "shape", "nonfinite", "nan", "max_abs", "saturated",
-              "headroom", "touched", "changed_in_place")  # fmt: skip
-    __slots__ = ("order", "boundary", "module", "tensor", "dtype", "shape", "changed_in_place", "_box", "_at", "_fmax", "_touched_at")
-
-    def __init__(self, order: int, boundary: str, module: str, tensor: str, dtype: str, shape: list[int], changed_in_place: bool, box: list, at: int, fmax: float, touched_at: int | None) -> None:  # fmt: skip
-        self.order, self.boundary, self.module, self.tensor, self.dtype, self.shape = order, boundary, module, tensor, dtype, shape
-        # the tensor was changed in place after this boundary and before its statistics were read: they describe the
-        # later values (the probes read module outputs in one batch, see Probes)
-        self.changed_in_place = changed_in_place
-        self._box, self._at, self._fmax, self._touched_at = box, at, fmax, touched_at
-
-    @property
-    def nonfinite(self) -> int:
-        return int(self._box[0][self._at])
-
-    @property
-    def nan(self) -> int:
-        return int(self._box[0][self._at + 1])
-
-    @property
-    def max_abs(self) -> float:
-        """The largest finite magnitude (0 when there is none)."""
-        return self._box[0][self._at + 2]
-
-    @property
-    def saturated(self) -> int:
-        """Values sitting exactly at the dtype's largest finite value."""
-        return int(self._box[0][self._at + 3])
-
-    @property
-    def headroom(self) -> float | None:
-        """dtype max / max finite |x|; None when the tensor is all zeros."""
-        max_abs = self.max_abs
-        return self._fmax / max_abs if max_abs > 0 else None
-
-    @property
-    def touched(self) -> int | None:
-        """For a guard's input: how many values the guard changed."""
-        return None if self._touched_at is None else int(self._box[0][self._touched_at])
-
-    def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.FIELDS}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BoundaryRecord) and self.as_dict() == other.as_dict()
-
-    def __repr__(self) -> str:
-        return f"BoundaryRecord({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
-
-
-_LEAVES = frozenset({type(None), bool, int, float, str, types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial})
-
-
-def floating_tensors(obj, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every floating tensor in ``obj``, walking tuples, lists and mappings (``name[0]``,
-    ``name.key``): what the probes record of a value a module takes or returns."""
-    kind = type(obj)
-    if kind in _LEAVES:  # the common non-tensor values of a block's keywords, passed without the ABC checks below
-        return
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            yield name, obj
-    elif isinstance(obj, (tuple, list)):
-        for i, item in enumerate(obj):
-            yield from floating_tensors(item, f"{name}[{i}]")
-    elif kind is dict or isinstance(obj, Mapping):
-        for key, item in obj.items():
-            yield from floating_tensors(item, f"{name}.{key}")
 
 
 def read_key(tensor: torch.Tensor) -> tuple:
@@ -169,14 +48,40 @@ def read_key(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride()
 
 
-# A boundary tensor is kept as a bare tuple, the cheapest thing a wrapper can append. Until the flush that reads it:
-#   (source, tensor name, tensor, version counter at the boundary)
-# and from then on (the tensor itself is no longer held):
-#   (source, tensor name, dtype, shape, changed in place, index of its statistics, index of a guard's count or None)
-# (the indices are into the forward's host list of numbers, ``HostStats``)
-# ``source`` is the module whose output it is (named by records(), from the path map the wrappers were made from), or
-# a (boundary, module name, is_input) triple for a boundary named when it was seen.
-_SEEN = 4
+class _Named(NamedTuple):
+    """Where a boundary seen outside a module's output sits: named when it was seen."""
+
+    boundary: str
+    module: str
+    is_input: bool  # a component or declared input (read on sight once a forward is seen to update it in place)
+
+
+@dataclass(slots=True)
+class _Seen:
+    """A boundary tensor recorded and not yet read: the cheapest thing a wrapper can append, held until the flush.
+    ``source`` is the module whose output it is (named by ``records()`` from the path map the wrappers were made
+    from), or a ``_Named``."""
+
+    source: nn.Module | _Named
+    tensor_name: str
+    tensor: torch.Tensor
+    version: int  # the tensor's version counter at the boundary
+
+
+@dataclass(slots=True)
+class _Read:
+    """A boundary whose statistics are on their way to the host (the tensor is no longer held); ``at`` and
+    ``touched_at`` index the forward's host list of numbers (``HostStats``)."""
+
+    source: nn.Module | _Named
+    tensor_name: str
+    dtype: torch.dtype
+    shape: torch.Size
+    changed_in_place: bool
+    at: int
+    touched_at: int | None = None  # a guard's input: where its count of changed values sits
+
+
 _MISSING = object()
 
 
@@ -186,58 +91,6 @@ FLUSH_BYTES = 1 << 30
 # Per root module: which of its input boundaries ("input" for the component's own) a forward was seen to leave
 # unchanged (True) or to update in place (False). Unchanged ones are read with the end-of-forward batch.
 _KEEPS_INPUTS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
-# Per root module: its module count, {submodule: path} and the label tables built from it, rebuilt when the count
-# changes. Entering the probes is on the critical path (the GPU is idle before the forward's first kernel).
-_PATHS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[nn.Module, str], list]] = weakref.WeakKeyDictionary()
-
-
-def _paths(root: nn.Module, check: bool = False) -> tuple[dict[nn.Module, str], list]:
-    """``{submodule: path}`` of ``root`` and the cache of label tables that goes with it; with ``check``, the cached
-    map is first compared with the module tree (a walk of it) and built again if a module was added or replaced."""
-    cached = _PATHS.get(root)
-    if cached is not None and check:
-        modules = list(root.modules())
-        if len(modules) != cached[0] or any(m not in cached[1] for m in modules):
-            cached = None
-    if cached is not None:
-        return cached[1], cached[2]
-    paths = {module: path for path, module in root.named_modules(remove_duplicate=True)}
-    _PATHS[root] = (len(paths), paths, [])
-    return paths, _PATHS[root][2]
-
-
-def _labels(root: nn.Module, boundary_names: Mapping[str, str], root_label: str, check: bool = False) -> tuple[dict[nn.Module, str], dict]:
-    """``{submodule: path}`` and ``{submodule: (boundary, module name)}`` for the records of its outputs."""
-    paths, tables = _paths(root, check)
-    for names, label, labels in tables:
-        if names is boundary_names and label == root_label:
-            return paths, labels
-    labels = {module: (boundary_names.get(path, path or root_label), path or root_label) for module, path in paths.items()}
-    tables.append((boundary_names, root_label, labels))
-    return paths, labels
-
-
-# Per root module: (the path map, the input probes, {module: the probes on it}) of the last plan made; one per root, a
-# rebuilt path map or other probes replace it. The map itself is held, so that it is compared by identity.
-_PROBED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-
-
-def _probed_modules(root: nn.Module, paths: dict[nn.Module, str], input_probes: tuple[InputProbe, ...]) -> dict:
-    """``{module: (probe, ...)}`` for the declared input probes; KeyError naming a probe whose module is missing."""
-    cached = _PROBED.get(root)
-    if cached is not None and cached[0] is paths and cached[1] == input_probes:
-        return cached[2]
-    by_path = {path: module for module, path in paths.items()}
-    found: dict[nn.Module, list[InputProbe]] = {}
-    for probe in input_probes:
-        if probe.module not in by_path:
-            raise KeyError(f"input probe on {probe.module!r}: no such module in {type(root).__name__}")
-        found.setdefault(by_path[probe.module], []).append(probe)
-    plan = {module: tuple(probes) for module, probes in found.items()}
-    _PROBED[root] = (paths, input_probes, plan)
-    return plan
-
-
 @dataclass
 class Probes:
     """Context manager installing the recording on ``root``. Use ``records()`` after each forward."""
@@ -250,7 +103,7 @@ class Probes:
     root_label: str = ROOT  # how the root module is named in records ("block"; a VAE's is "vae")
     scope: str = "all"  # "all": every module, the declared inputs and the guards; "io": the root's inputs and outputs only
     _handles: list = field(default_factory=list, init=False)
-    _pending: list[tuple] = field(default_factory=list, init=False)  # every boundary tensor, in firing order
+    _pending: list[_Seen | _Read] = field(default_factory=list, init=False)  # every boundary, in firing order
     _unflushed: int = field(default=0, init=False)  # index in _pending where the next flush starts
     _restore: list = field(default_factory=list, init=False)
     _inputs_recorded: bool = field(default=False, init=False)
@@ -277,7 +130,7 @@ class Probes:
         """Note a boundary tensor; its statistics are read later, in one batch (``_flush``): recording only keeps a
         reference and the tensor's version counter, so watching every module costs one read of each output and not a
         kernel launch per output."""
-        self._pending.append((source, tensor_name, tensor, tensor._version))
+        self._pending.append(_Seen(source, tensor_name, tensor, tensor._version))
         self._deferred_bytes += tensor.nbytes
         if self._deferred_bytes > FLUSH_BYTES:
             self._flush()
@@ -288,14 +141,14 @@ class Probes:
         end of the forward can tell whether the block updated it in place."""
         if not named:
             return
-        source = (boundary, module, True)
+        source = _Named(boundary, module, True)
         if self._keeps.get(boundary):
             for name, tensor in named:
                 self._record(source, name, tensor)
             return
         places = self._read([t for _, t in named])
         for (name, tensor), at in zip(named, places):
-            self._pending.append((source, name, tensor.dtype, tensor.shape, False, at, None))
+            self._pending.append(_Read(source, name, tensor.dtype, tensor.shape, False, at))
             self._watched_inputs.append((boundary, tensor, tensor._version))
 
     def _flush(self) -> None:
@@ -308,24 +161,23 @@ class Probes:
         # the bytes of a diffusers or ComfyUI Qwen block's outputs.
         pending, tensors, at, unique = self._pending, [], [], {}
         for i in range(start, end):
-            if len(pending[i]) == _SEEN:
-                tensor = pending[i][2]
-                key = read_key(tensor)
+            entry = pending[i]
+            if type(entry) is _Seen:
+                key = read_key(entry.tensor)
                 index = unique.get(key)
                 if index is None:
                     index = unique[key] = len(tensors)
-                    tensors.append(tensor)
+                    tensors.append(entry.tensor)
                 at.append((i, index))
         if not tensors:
             return
         places = self._read(tensors)
         for i, index in at:
-            place = places[index]
-            source, tensor_name, tensor, version = pending[i]
-            changed = tensor._version != version
-            if changed and type(source) is tuple and source[2]:  # an input no longer unchanged: read it on sight
-                self._keeps[source[0]] = False
-            pending[i] = (source, tensor_name, tensor.dtype, tensor.shape, changed, place, None)
+            seen = pending[i]
+            changed = seen.tensor._version != seen.version
+            if changed and type(seen.source) is _Named and seen.source.is_input:  # no longer unchanged: read on sight
+                self._keeps[seen.source.boundary] = False
+            pending[i] = _Read(seen.source, seen.tensor_name, seen.tensor.dtype, seen.tensor.shape, changed, places[index])
 
     def _read(self, tensors: list[torch.Tensor]) -> list[int]:
         """Launch the statistics of ``tensors`` (one launch per device and dtype, no host sync); where each tensor's
@@ -373,8 +225,8 @@ class Probes:
                 changed = (out != tensor) & ~(torch.isnan(out) & torch.isnan(tensor))
                 at = self._host.stats_of([tensor])[0]
                 touched_at = self._host.put(changed.sum(dtype=torch.float64))
-                source = (f"input of {spy.label}", module, False)
-                self._pending.append((source, spy.label, tensor.dtype, tensor.shape, False, at, touched_at))
+                source = _Named(f"input of {spy.label}", module, False)
+                self._pending.append(_Read(source, spy.label, tensor.dtype, tensor.shape, False, at, touched_at))
             return out
 
         return guarded
@@ -389,7 +241,7 @@ class Probes:
     def record_outputs(self, outputs: Mapping[str, object]) -> None:
         """The call's outputs, as the root's wrapper would record them (for a call that bypasses ``forward``)."""
         if self.enabled:
-            source = (self.boundary_names.get("", self.root_label), self.root_label, False)
+            source = _Named(self.boundary_names.get("", self.root_label), self.root_label, False)
             for name, value in outputs.items():
                 for tensor_name, tensor in floating_tensors(value, name):
                     self._record(source, tensor_name, tensor)
@@ -430,7 +282,7 @@ class Probes:
         (they are the forward's first boundary)."""
         args, kwargs, arg_versions, kwarg_versions = self._root_call
         self._root_call = None
-        source, entries, versions = ("component input", INPUT, True), [], iter((*arg_versions, *kwarg_versions))
+        source, entries, versions = _Named("component input", INPUT, True), [], iter((*arg_versions, *kwarg_versions))
         for name, tensor, top_level in self._root_inputs(args, kwargs):
             if top_level:
                 version = next(versions)
@@ -438,7 +290,7 @@ class Probes:
                 version = tensor._version
                 self._flat_inputs = False
             if tensor.is_floating_point():
-                entries.append((source, name, tensor, version))
+                entries.append(_Seen(source, name, tensor, version))
         self._pending[self._unflushed : self._unflushed] = entries
 
     def _record_declared_inputs(self, module, args):
@@ -465,8 +317,8 @@ class Probes:
             self._labels = {self.root: (self.boundary_names.get("", self.root_label), self.root_label)}
             self._probes_at = {}
         else:
-            self._module_paths, self._labels = _labels(self.root, self.boundary_names, self.root_label, check=True)
-            self._probes_at = _probed_modules(self.root, self._module_paths, self.input_probes) if self.input_probes else {}
+            self._module_paths, self._labels = output_labels(self.root, self.boundary_names, self.root_label, check=True)
+            self._probes_at = probed_modules(self.root, self._module_paths, self.input_probes) if self.input_probes else {}
         # A module with forward hooks of its own (one that edits its output) is recorded by a hook registered after
         # them, so that its recorded output is the one its caller receives; every other module through its forward.
         self._own_hooks = {module for module in self._module_paths if module._forward_hooks}
@@ -513,7 +365,7 @@ class Probes:
             if outputs:
                 if type(output) is tensor_type:
                     if output.is_floating_point():  # _record, inlined: this runs once per module per forward
-                        state._pending.append((module, "output", output, output._version))
+                        state._pending.append(_Seen(module, "output", output, output._version))
                         state._deferred_bytes += output.nbytes
                         if state._deferred_bytes > FLUSH_BYTES:
                             state._flush()
@@ -560,56 +412,13 @@ class Probes:
         box: list = [None]  # the statistics on the host, once they have arrived
         out = []
         labels = self._labels
-        for source, tensor_name, dtype, shape, changed, at, touched_at in self._pending:
-            if type(source) is tuple:
-                boundary, module = source[0], source[1]
-            else:
-                boundary, module = labels[source]  # every recorded module was in the map when its wrapper was made
-            name, fmax = _dtype_facts(dtype)
-            out.append(BoundaryRecord(len(out), boundary, module, tensor_name, name, list(shape), changed, box, at, fmax, touched_at))
+        for entry in self._pending:
+            source = entry.source
+            boundary, module = (source.boundary, source.module) if type(source) is _Named else labels[source]
+            name, fmax = dtype_facts(entry.dtype)
+            out.append(BoundaryRecord(len(out), boundary, module, entry.tensor_name, name, list(entry.shape), entry.changed_in_place, box, entry.at, fmax, entry.touched_at))  # fmt: skip
         self._start_forward()
         box[0] = self._host.take()  # the one host sync
         return out
 
 
-@functools.cache
-def _dtype_facts(dtype: torch.dtype) -> tuple[str, float]:
-    return str(dtype).removeprefix("torch."), torch.finfo(dtype).max
-
-
-def first_nonfinite(records: list[BoundaryRecord]) -> dict | None:
-    """The first record holding a non-finite value; records whose tensor was changed in place after the boundary are
-    passed over (their statistics describe later values)."""
-    for record in records:
-        if record.nonfinite and not record.changed_in_place:
-            return {
-                "boundary": record.boundary,
-                "module": record.module,
-                "tensor": record.tensor,
-                "count": record.nonfinite,
-                "nan": record.nan,
-                "dtype": record.dtype,
-            }
-    return None
-
-
-def first_saturated(records: list[BoundaryRecord]) -> BoundaryRecord | None:
-    return next((r for r in records if r.saturated), None)
-
-
-def summarize(records: list[BoundaryRecord]) -> dict:
-    """Case-level stats: the extremes over every probed boundary."""
-    if not records:
-        return {"max_abs_value": None, "headroom": None, "saturated": 0, "nonfinite": 0, "boundaries": 0}
-    worst = max(records, key=lambda r: r.max_abs)
-    headrooms = [r.headroom for r in records if r.headroom is not None]
-    guard_inputs = [r for r in records if r.touched is not None]
-    return {
-        "max_abs_value": worst.max_abs,
-        "max_abs_at": f"{worst.module} {worst.tensor}",
-        "headroom": min(headrooms) if headrooms else None,
-        "saturated": sum(r.saturated for r in records),
-        "nonfinite": sum(r.nonfinite for r in records),
-        "boundaries": len(records),
-        "subject_guard_touched": sum(r.touched for r in guard_inputs) if guard_inputs else None,
-    }

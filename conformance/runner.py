@@ -2,15 +2,13 @@
 
 Data flows one way: synthetic weights and the profile -> the subject builds the component in the case's precision and
 captures its inputs -> probes watch the forward under the forced backend -> outputs are compared with the golden ->
-the verdict (``compare.judge``) -> a ``CaseResult``.
+the verdict (``compare.judge``) -> a ``CaseResult``. The forwards and their caches are ``forward.ForwardRunner``'s,
+the goldens ``golden_source.GoldenSource``'s; this module judges a case from them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,31 +16,20 @@ from pathlib import Path
 import torch
 
 from . import compare
-from .backends import XCHECK, CallCounter
+from .backends import XCHECK
+from .boundaries import first_nonfinite, first_saturated, summarize
 from .case import Case
 from .expectations import ExpectedFailure, expected_failure_for
-from .families import component_family, component_profiles, family_of, family_precision, get_family, is_vae
-from .guards import GuardContext, GuardRun, get_policy
-from .families.common import apply_weight_stress, synthetic_weights
-from .goldens import (
-    Golden,
-    GoldenChange,
-    GoldenConflict,
-    GoldenError,
-    GoldenKey,
-    GoldenMissing,
-    GoldenStore,
-    outputs_agree,
-    tensor_digest,
-)
-from .inputs import InputCheck, compare_inputs
-from .islands import Islands
-from .machine import align_onednn_isa, cpu_path
-from .precision import PRECISIONS, Precision, get_precision
-from .probes import BoundaryRecord, Probes, first_nonfinite, first_saturated, summarize
+from .families import component_family, component_profiles, family_precision, get_family, is_vae
+from .forward import ForwardRun, ForwardRunner
+from .golden_source import GoldenSource
+from .goldens import Golden, GoldenError, GoldenKey, GoldenStore
+from .guards import get_policy
+from .inputs import InputCheck
+from .precision import Precision, get_precision
 from .results import CaseResult
 from .save_stage import save_like_comfyui
-from .subjects.base import BuiltComponent, ComponentInputs, Subject, clone_tensors
+from .subjects.base import ComponentInputs, Subject
 
 
 @dataclass
@@ -59,73 +46,6 @@ class EngineOptions:
     outputs_dir: Path | None = None  # where each case's outputs are saved (float32 safetensors), for the upgrade gate
     run_id: str | None = None  # recorded with each golden made; this run's own goldens need no confirmation
     identity: Mapping[str, object] | None = None  # a golden identity already resolved by the run (the prefetcher's)
-
-
-@dataclass
-class ForwardRun:
-    outputs: dict[str, torch.Tensor]
-    records: list[BoundaryRecord]
-    calls: CallCounter
-    seconds: float
-    notes: list[str]
-    guard_note: str | None
-    tiled_outputs: dict[str, torch.Tensor] | None = None
-    guard: GuardRun | None = None  # the guard policy's record, when one was applied
-
-
-# Before torch runs a bf16 kernel: keep oneDNN on the instruction set ATEN_CPU_CAPABILITY chose (conformance.machine).
-align_onednn_isa()
-
-
-# The CUDA settings a forward pins, as (namespace, attribute): TF32 for every forward, reduced-precision reductions
-# as well for a golden's (float64 uses neither; a float32 op inside a subject's float64 forward would).
-_TF32 = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"))
-_REDUCED_REDUCTIONS = (
-    (torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction"),
-    (torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction"),
-)
-
-
-@contextlib.contextmanager
-def _cuda_numerics(device: torch.device, golden: bool = False):
-    """On CUDA, float32 matmuls and convolutions in IEEE float32 while the context is open; for a golden's forward
-    also no reduced-precision reductions. PyTorch leaves cuDNN's TF32 on by default (and no subject turns it off), so a
-    case's float32 convolution would round its inputs to 10 mantissa bits: the fp32 decoders then err 100x their
-    budget, which is float32's (docs/gpu-notes.md). A case's half precision is left to PyTorch's defaults and the
-    subject's settings: those are the kernels a deployment runs."""
-    if device.type != "cuda":
-        yield
-        return
-    settings = _TF32 + (_REDUCED_REDUCTIONS if golden else ())
-    saved = [getattr(owner, attr) for owner, attr in settings]
-    for owner, attr in settings:
-        setattr(owner, attr, False)
-    try:
-        yield
-    finally:
-        for (owner, attr), value in zip(settings, saved):
-            setattr(owner, attr, value)
-
-
-def _real_builds_kept(device: torch.device) -> int:
-    """Real-scale modules kept: every precision's, twice (base and stressed weights), on a CUDA device of 64 GiB or
-    more (at most ~16 GB of weights), else one: a CPU runner's RAM holds the float64 golden build besides."""
-    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 64 * 2**30:
-        return 2 * len(PRECISIONS)
-    return 1
-
-
-class _LRU(OrderedDict):
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def put(self, key, value):
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
-        return value
 
 
 @dataclass
@@ -147,328 +67,14 @@ class _Gathered:
     inputs_file: str | None
 
 
-class Engine:
+class Engine(ForwardRunner, GoldenSource):
     def __init__(self, subject: Subject, options: EngineOptions) -> None:
         self.subject = subject
         self.options = options
-        self.golden_changes: list[GoldenChange] = []
-        self._weights = _LRU(2)
-        self._stressed = _LRU(1)
-        self._inputs = _LRU(8)
-        self._goldens = _LRU(8)
-        # Built modules, shared by the cases that differ only in backend, guard or a profile that leaves the weights
-        # alone (backends, guards and probes attach and detach; a forward leaves the module as it found it:
-        # tests/test_module_cache.py). Cases run profile by profile, precisions within, backends innermost: a module
-        # per precision for the base weights and one stressed set stays live; at real scale only on a device that
-        # holds them (all precisions of the largest real block, WAN i2v, are ~8 GB of weights), else one.
-        self._built: dict[str, _LRU] = {"tiny": _LRU(2 * len(PRECISIONS)), "real": _LRU(_real_builds_kept(options.device))}
-        self.phases: dict[str, float] = {}  # the current case's seconds per phase (build, forward, golden, ...)
+        self.init_forwards()
+        self.init_goldens()
         self._reference: dict[tuple, dict | None] = {}
         self._partner: Subject | None = None
-        self._identity: dict | None = None
-        self._input_checks: dict[str, InputCheck] = {}
-        self._golden_devices: dict[str, torch.device] = {}
-        self.golden_seconds = 0.0  # float64 forwards spent creating or confirming goldens
-
-    # -- shared fixtures -----------------------------------------------------------------------------------------
-    def store_for(self, key: GoldenKey) -> GoldenStore:
-        """Tiny goldens of an identity the repository holds (or is asked to hold, with --conformance-update-goldens) live in the
-        committed store; everything else is created on demand in the local store."""
-        committed = self.options.committed_store
-        if key.scale == "tiny" and (self.options.update_goldens or committed.has_identity(key.subject, key.identity)):
-            return committed
-        return self.options.local_store
-
-    def weights(self, component: str, scale: str, profile: str | None = None) -> dict[str, torch.Tensor]:
-        """Synthetic weights of a component; with a profile, after that profile's weight stresses (if any)."""
-        key = (component, scale)
-        if key not in self._weights:
-            family = component_family(component)
-            shapes = self.subject.weight_shapes(component, scale)
-            if scale != "tiny":
-                self.options.progress(f"generating synthetic {scale} weights for {component} ({sum(map(_numel, shapes.values())) / 1e6:.0f} M values)")
-            self._weights.put(key, synthetic_weights(shapes, self.options.seed, family.name, family.init))
-        base = self._weights[key]
-        stresses = [w for w in component_profiles(component)[profile].weights if w.applies(component)] if profile else ()
-        if not stresses:
-            return base
-        stressed_key = (component, scale, profile)
-        if stressed_key not in self._stressed:
-            self._stressed.put(stressed_key, apply_weight_stress(base, stresses))
-        return self._stressed[stressed_key]
-
-    def inputs(self, component: str, scale: str, profile: str) -> ComponentInputs:
-        key = (component, scale, profile)
-        if key not in self._inputs:
-            prof = component_profiles(component)[profile]
-            built = self.subject.inputs(component, scale, prof, self.weights(component, scale, profile), self.options.seed)
-            built.profile = profile
-            self._inputs.put(key, built)
-        return self._inputs[key]
-
-    def identity(self) -> dict:
-        """Which identity this run's goldens are keyed by, and how it was found (recorded in the run's report).
-
-        The subject's own identity (version + commit, or version + source hash) where a store holds goldens of it;
-        else the identity under which a store holds goldens of the same version and the same sources (a plain copy of
-        a release finds the goldens made from its git checkout); else the subject's own, whose goldens are then
-        created on demand."""
-        if self._identity is None and self.options.identity is not None:
-            self._identity = dict(self.options.identity)
-        if self._identity is None:
-            info = self.subject.info()
-            natural = {"identity": info.identity, "natural": info.identity, "from": info.identity_source, "source_hash": info.source_hash}
-            stores = (self.options.committed_store, self.options.local_store)
-            resolved = natural
-            if not self.options.update_goldens and not any(s.has_identity(self.subject.name, info.identity) for s in stores):
-                for store in stores:
-                    match = store.identity_with_sources(self.subject.name, info.version, info.source_hash)
-                    if match:
-                        resolved = {**natural, "identity": match, "from": f"source hash matches the goldens of {match} in the {store.label} store"}
-                        break
-            self._identity = resolved
-        return self._identity
-
-    def golden_key(self, component: str, scale: str, profile: str) -> GoldenKey:
-        return GoldenKey(self.subject.name, self.identity()["identity"], component, scale, profile)
-
-    def golden(self, component: str, scale: str, profile: str, wait: bool = True) -> Golden:
-        """The golden of a component: loaded, or created once under the store's per-golden lock. A golden that
-        appeared while this process waited for the lock is checked, never replaced: its outputs are recomputed from
-        its stored inputs and must agree (``outputs_agree``), else ``GoldenConflict``. Without ``wait``, a golden
-        another process is creating raises ``GoldenBusy``."""
-        key = self.golden_key(component, scale, profile)
-        if key.id in self._goldens:
-            return self._goldens[key.id]
-        store = self.store_for(key)
-        weights_sha = tensor_digest(self.weights(component, scale, profile))
-        command = self.options.golden_command(key)
-        if not self.options.update_goldens:
-            try:
-                return self._goldens.put(key.id, store.load(key, weights_sha, command))
-            except GoldenMissing:
-                if store is not self.options.local_store:
-                    raise
-        with store.creating(key, on_wait=self.options.progress, wait=wait):
-            try:
-                existing = store.load(key, weights_sha, command)
-            except GoldenMissing:
-                existing = None
-            except GoldenError:
-                if not self.options.update_goldens:
-                    raise
-                existing = None
-            if existing is not None and not self.options.update_goldens:
-                if not self._made_by_this_run(existing):
-                    self._confirm(existing, weights_sha)  # another process created it while this one waited
-                return self._goldens.put(key.id, existing)
-            golden = self._make_golden(key, store, existing, weights_sha, command)
-        return self._goldens.put(key.id, golden)
-
-    def golden_device(self, component: str) -> torch.device:
-        """Where this run computes a component's float64 goldens: the run's CUDA device where the subject's float64
-        forward has no float32 island another device may round differently (``conformance.islands``: a GPU-made golden
-        then agrees with a CPU-made one within ``outputs_agree``, tests/test_goldens.py), else the CPU. Decided once
-        per component, from a tiny forward."""
-        if self.options.device.type != "cuda":
-            return torch.device("cpu")
-        if component not in self._golden_devices:
-            islands = self.float32_islands(component)
-            self._golden_devices[component] = torch.device("cpu") if islands else self.options.device
-            if islands:
-                self.options.progress(f"goldens of {component} on the CPU: its float64 forward rounds in float32 at {', '.join(islands)}")
-        return self._golden_devices[component]
-
-    def float32_islands(self, component: str) -> dict[str, int]:
-        """The float32 ops of the component's float64 forward (tiny scale, nominal inputs, on the CPU) whose bits
-        another device's kernels need not reproduce: ``"op (dtype)": count``."""
-        return self.float32_ops(component).may_differ()
-
-    def float32_ops(self, component: str) -> Islands:
-        """Every low-precision op of the component's float64 forward (tiny scale, nominal inputs, on the CPU)."""
-        inputs = self.inputs(component, "tiny", "nominal")  # built by the subject's embedders in float32: not the golden's
-        mode = Islands()
-        with mode:
-            self.forward(component, "tiny", None, self.subject.golden_backend_for(component), inputs, device=torch.device("cpu"), probes=False)
-        return mode
-
-    def _golden_outputs(self, key: GoldenKey, inputs: ComponentInputs, why: str = "computing") -> dict[str, torch.Tensor]:
-        backend = self.subject.golden_backend_for(key.component)
-        device = self.golden_device(key.component)
-        self.options.progress(f"{why} golden {key.id} in float64 on {device.type} ({backend} attention)")
-        start = time.perf_counter()
-        with _cuda_numerics(device, golden=True):
-            run = self.forward(key.component, key.scale, None, backend, inputs, device=device, probes=False)
-        outputs = {name: value.to("cpu") for name, value in run.outputs.items()}
-        seconds = time.perf_counter() - start
-        self.golden_seconds += seconds
-        self.options.progress(f"golden {key.id}: {seconds:.1f} s")
-        return outputs
-
-    def _made_by_this_run(self, golden: Golden) -> bool:
-        """A golden this run's prefetcher made while this process waited: the same code on the same CPU, so the
-        recomputation ``_confirm`` would spend (seconds at real scale) could only find it equal."""
-        return self.options.run_id is not None and golden.entry.get("run_id") == self.options.run_id
-
-    def _confirm(self, golden: Golden, weights_sha: str) -> None:
-        outputs = self._golden_outputs(golden.key, self._stored_inputs(golden), "another process created it; recomputing")
-        agree, ulps = outputs_agree(golden.outputs, outputs)
-        if not agree:
-            raise GoldenConflict(
-                f"golden {golden.key.id} was created by another process while this one waited, and this process "
-                f"computes different outputs from the same stored inputs (worst, in float32 ulps: "
-                f"{ {k: round(v, 1) for k, v in ulps.items()} }; made on {golden.entry.get('machine')}, here "
-                f"{cpu_path()}): the two are not the same code or not the same float64 computation. Nothing was replaced."
-            )
-        self.golden_changes.append(GoldenChange(golden.key, golden.path, "confirmed", golden.sha256, golden.sha256, note="created by another process; recomputed here and equal within float64 noise"))
-
-    def _make_golden(self, key: GoldenKey, store: GoldenStore, existing: Golden | None, weights_sha: str, command: str) -> Golden:
-        built = self.inputs(key.component, key.scale, key.profile)
-        inputs = built
-        if existing is not None and not compare_inputs(existing.inputs.kwargs, built.kwargs, existing.inputs.outlier_channels).beyond_noise():
-            # --conformance-update-goldens where the subject still builds the same inputs (within embedder noise): keep them, so
-            # the golden's file only changes when its outputs do.
-            inputs = self._stored_inputs(existing)
-        elif existing is None:
-            inputs = self._shared_inputs(key, built, weights_sha) or built
-        outputs = self._golden_outputs(key, inputs)
-        if existing is not None and inputs is not built and outputs_agree(existing.outputs, outputs)[0]:
-            change = GoldenChange(key, existing.path, "unchanged", existing.sha256, existing.sha256, note="same inputs, outputs equal within float64 noise")
-            self.golden_changes.append(change)
-            self.options.progress(change.describe())
-            return existing
-        info = self.subject.info()
-        meta = {
-            "subject": {k: v for k, v in info.as_dict().items() if k != "path"},
-            "torch": torch.__version__,
-            "machine": cpu_path(),
-            "seed": self.options.seed,
-            "computed_in": f"float64 on {self.golden_device(key.component).type}",
-            "stored_as": "float32",
-            "backend": self.subject.golden_backend_for(key.component),
-            "weights_sha256": weights_sha,
-            **({"run_id": self.options.run_id} if self.options.run_id else {}),
-        }
-        change = store.write(key, outputs, inputs.kwargs, inputs.sizes, inputs.outlier_channels, meta, replace=self.options.update_goldens)
-        self.golden_changes.append(change)
-        self.options.progress(change.describe())
-        return store.load(key, weights_sha, command)
-
-    def _shared_inputs(self, key: GoldenKey, built: ComponentInputs, weights_sha: str) -> ComponentInputs | None:
-        """The stored inputs of the same component at another identity, when the subject builds the same inputs
-        within embedder noise: a new golden then shares them bit for bit, so the gate compares two identities' outputs
-        on identical inputs (their inputs differ only where the subject builds them differently)."""
-        for store in (self.options.committed_store, self.options.local_store):
-            for sibling in store.siblings(key):
-                try:
-                    other = store.load(sibling, weights_sha, "")
-                except GoldenError:
-                    continue
-                if not compare_inputs(other.inputs.kwargs, built.kwargs, other.inputs.outlier_channels).beyond_noise():
-                    self.options.progress(f"{key.id}: the subject builds the inputs of {sibling.id} (within embedder noise); sharing them")
-                    return self._stored_inputs(other)
-        return None
-
-    def _stored_inputs(self, golden: Golden) -> ComponentInputs:
-        """A golden's stored inputs, as the component inputs every case of it runs on."""
-        stored = golden.inputs
-        return ComponentInputs(kwargs=stored.kwargs, sizes=dict(stored.sizes), profile=golden.key.profile, outlier_channels=stored.outlier_channels)
-
-    def input_check(self, golden: Golden) -> InputCheck:
-        """The inputs the subject builds on this machine against the golden's stored ones (cached per golden)."""
-        if golden.key.id not in self._input_checks:
-            built = self.inputs(golden.key.component, golden.key.scale, golden.key.profile)
-            self._input_checks[golden.key.id] = compare_inputs(golden.inputs.kwargs, built.kwargs, golden.inputs.outlier_channels)
-        return self._input_checks[golden.key.id]
-
-    # -- one forward ---------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        component: str,
-        scale: str,
-        precision: Precision | None,
-        backend: str,
-        inputs: ComponentInputs,
-        device: torch.device | None = None,
-        probes: bool = True,
-        path: str | None = None,
-        subject: Subject | None = None,
-        tiled: bool = False,
-        guard: str = "none",
-    ) -> ForwardRun:
-        """Build the component in ``precision`` (None: float64 golden), run it once under ``backend`` (and ``guard``)."""
-        subject = subject or self.subject
-        device = device or self.options.device
-        weights = self.weights(component, scale, inputs.profile)
-        built = self._build(subject, component, scale, precision, weights, device)
-        dtype = torch.float64 if precision is None else precision.activation_dtype
-        mark = time.perf_counter()
-        kwargs = clone_tensors(subject.cast_inputs(inputs, dtype, device))
-        self._add_phase("inputs", mark)
-        counter = CallCounter()
-        probe_set = Probes(built.module, built.boundary_names, built.input_probes, built.guards, enabled=probes, root_label=built.root_label)
-        policy = get_policy(guard)
-        guard_run = GuardRun(guard, device) if policy else None
-        if policy:
-            context = GuardContext(
-                family_of(component), component, precision.name, dtype, backend, subject.residual_streams(component), weights
-            )
-            kwargs = policy.prepare_inputs(kwargs, subject.cast_inputs(inputs, torch.float32, device), context, guard_run)
-        try:
-            with torch.no_grad(), _cuda_numerics(device), subject.use_backend(built.module, backend, counter, path=path, component=component) as prepare:
-                kwargs = prepare(kwargs)
-                with policy.apply(built.module, context, guard_run) if policy else contextlib.nullcontext(), probe_set:
-                    _sync(device)
-                    start = time.perf_counter()
-                    if built.inputs_at_call:
-                        probe_set.record_inputs(kwargs)
-                    outputs = dict(built(kwargs, inputs.sizes))
-                    if built.inputs_at_call:
-                        probe_set.record_outputs(outputs)
-                    _sync(device)
-                    seconds = time.perf_counter() - start
-                tiled_outputs = None
-                if tiled and built.tiled_call is not None:
-                    counts = counter.counts.copy()  # the calls of the case are those of the full decode
-                    tiled_outputs = dict(built.tiled_call(built.module, clone_tensors(kwargs), inputs.sizes))
-                    counter.counts = counts
-            mark = time.perf_counter()
-            records = probe_set.records()
-            self._add_phase("probes", mark)
-        finally:
-            notes, guard_note = list(built.notes), built.guard_note
-            del built, kwargs
-        self.phases["forward"] = self.phases.get("forward", 0.0) + seconds
-        return ForwardRun(outputs, records, counter, seconds, notes, guard_note, tiled_outputs, guard_run)
-
-    def _build(self, subject: Subject, component: str, scale: str, precision: Precision | None, weights, device) -> BuiltComponent:
-        """The component built in ``precision`` from ``weights`` on ``device``, from the cache where the same was
-        built before (float64 golden modules are built once per golden and not kept)."""
-        mark = time.perf_counter()
-        if precision is None:
-            built = subject.build(component, scale, precision, weights, device)
-            self._add_phase("build", mark)
-            return built
-        cache = self._built["tiny" if scale == "tiny" else "real"]
-        # id(weights) names these weights: the cache holds them with the module, so no other object can take the id
-        key = (id(subject), id(weights), component, scale, precision.name, precision.compute_dtype, str(device))
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key][1]
-        if scale != "tiny" and cache and (cache.size == 1 or any(k[2] != component for k in cache)):
-            # A real-dims block is GBs: free the kept ones (and anything a reference cycle holds) before another
-            # component's is built, and give the CUDA cache back (a worker that kept it made the next one run out).
-            cache.clear()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        built = subject.build(component, scale, precision, weights, device)
-        cache.put(key, (weights, built))
-        self._add_phase("build", mark)
-        return built
-
-    def _add_phase(self, phase: str, since: float) -> None:
-        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - since
 
     def _other_paths_agree(self, case: Case, precision: Precision, inputs: ComponentInputs, outputs: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """In fp32, every other way the subject offers to force the backend must give the same bits."""
@@ -797,13 +403,3 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -289,7 +289,8 @@ def test_vae_fault_planted_in_an_up_block_is_named(eng, component, weight, modul
     faulty = weights[weight].clone()
     faulty.view(-1)[0] = float("inf")
     built = eng.subject.build(component, "tiny", get_precision("fp32"), {**weights, weight: faulty}, CPU)
-    from conformance.probes import Probes, first_nonfinite
+    from conformance.boundaries import first_nonfinite
+    from conformance.probes import Probes
 
     kwargs = eng.subject.cast_inputs(eng.inputs(component, "tiny", "nominal"), torch.float32, CPU)
     with torch.no_grad(), Probes(built.module, built.boundary_names, root_label=built.root_label) as probes:

@@ -405,18 +405,18 @@ def test_a_golden_made_on_the_gpu_agrees_with_the_cpu_made_one(tmp_path, subject
 def test_cuda_forwards_pin_ieee_float32_and_goldens_also_full_precision_reductions():
     """A case's forward on CUDA turns TF32 off (matmul and cuDNN, whose default is on); a golden's also turns off
     reduced-precision reductions; both put every setting back. Off CUDA nothing is touched."""
-    from conformance.runner import _cuda_numerics
+    from conformance.forward import cuda_numerics
 
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
     before = [getattr(matmul, n) for n in names] + [cudnn.allow_tf32]
     matmul.allow_tf32 = cudnn.allow_tf32 = matmul.allow_fp16_reduced_precision_reduction = True
     try:
-        with _cuda_numerics(torch.device("cpu")):
+        with cuda_numerics(torch.device("cpu")):
             assert matmul.allow_tf32 and cudnn.allow_tf32
-        with _cuda_numerics(torch.device("cuda")):
+        with cuda_numerics(torch.device("cuda")):
             assert not matmul.allow_tf32 and not cudnn.allow_tf32 and matmul.allow_fp16_reduced_precision_reduction
-        with _cuda_numerics(torch.device("cuda"), golden=True):
+        with cuda_numerics(torch.device("cuda"), golden=True):
             assert not matmul.allow_fp16_reduced_precision_reduction and not matmul.allow_bf16_reduced_precision_reduction
         assert matmul.allow_tf32 and cudnn.allow_tf32 and matmul.allow_fp16_reduced_precision_reduction
     finally:

@@ -11,7 +11,7 @@ from conformance.case import Case
 from conformance.families.common import apply_outliers
 from conformance.guards import GUARD_NAMES, POLICIES, support_reason
 from conformance.precision import get_precision
-from conformance.probes import first_nonfinite
+from conformance.boundaries import first_nonfinite
 from conformance.profiles import Outliers
 from conformance.subjects.base import ComponentInputs
 

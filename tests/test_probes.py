@@ -12,7 +12,8 @@ from hypothesis.extra.numpy import arrays
 
 from conformance.case import Case
 from conformance.precision import get_precision
-from conformance.probes import INPUT, ROOT, Probes, first_nonfinite, tensor_stats
+from conformance.boundaries import INPUT, ROOT, GuardSpy, first_nonfinite
+from conformance.probes import Probes, tensor_stats
 
 from .helpers import diffusers_subject, engine
 
@@ -245,8 +246,6 @@ def test_a_module_added_after_the_map_was_cached_is_named_and_one_outside_is_dro
 
 
 def test_a_guard_call_is_attributed_to_the_module_running_it():
-    from conformance.probes import GuardSpy
-
     class Clips(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..axes import SUBJECTS
-from ..probes import InputProbe
+from ..boundaries import InputProbe
 from ..synthetic import normal
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..probes import InputProbe
+from ..boundaries import InputProbe
 from ..profiles import Profile
 from ..synthetic import normal
 from .common import Family, LayerInit, for_every_subject

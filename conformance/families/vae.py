@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..probes import GuardSpy
+from ..boundaries import GuardSpy
 from ..profiles import Profile
 from ..synthetic import normal
 from .common import Family, LayerInit

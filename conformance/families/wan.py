@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..probes import InputProbe
+from ..boundaries import InputProbe
 from ..profiles import Profile
 from ..synthetic import normal
 from .common import Family, LayerInit, by_subject

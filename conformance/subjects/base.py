@@ -21,8 +21,9 @@ from torch import nn
 
 from ..backends import BackendSupport, CallCounter
 from ..precision import Precision
-from ..probes import GuardSpy, InputProbe
+from ..boundaries import GuardSpy, InputProbe
 from ..profiles import Profile
+from ..trees import map_tensors
 
 
 @dataclass(frozen=True)
@@ -113,35 +114,22 @@ class SubjectError(RuntimeError):
     """The subject cannot be loaded or does not offer what was asked."""
 
 
+def _cast_one(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    if tensor.is_complex():
+        return tensor.to(device=device, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
+    if tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)
+
+
 def cast_tensors(obj, dtype: torch.dtype, device: torch.device | str):
     """Floating tensors to ``dtype``, complex tensors to the matching complex dtype, everything to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_complex():
-            target = torch.complex128 if dtype == torch.float64 else torch.complex64
-            return obj.to(device=device, dtype=target)
-        if obj.is_floating_point():
-            return obj.to(device=device, dtype=dtype)
-        return obj.to(device=device)
-    if isinstance(obj, tuple):
-        return tuple(cast_tensors(x, dtype, device) for x in obj)
-    if isinstance(obj, list):
-        return [cast_tensors(x, dtype, device) for x in obj]
-    if isinstance(obj, dict):
-        return {k: cast_tensors(v, dtype, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: _cast_one(t, dtype, device))
 
 
 def clone_tensors(obj):
     """A deep copy of every tensor, so a component that updates its inputs in place cannot touch the originals."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, tuple):
-        return tuple(clone_tensors(x) for x in obj)
-    if isinstance(obj, list):
-        return [clone_tensors(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: clone_tensors(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, torch.Tensor.clone)
 
 
 class ComponentAdapter:

@@ -19,7 +19,7 @@ import torch
 from ...families import flux, get_family, qwen, wan
 from ...families.common import apply_outliers, outlier_channels, scale_modulation
 from ...precision import Precision
-from ...probes import GuardSpy
+from ...boundaries import GuardSpy
 from ...profiles import Profile
 from ..base import ABSENT, BuiltComponent, ComponentAdapter, ComponentInputs, SubjectError
 from ..capture import accepted_kwargs, capture_block_inputs
