@@ -1,4 +1,6 @@
-"""One point of the matrix: subject x family x component x scale x precision x backend x profile x guard."""
+"""One point of the matrix: subject x family x component x scale x precision x backend x profile x guard, and for a
+whole-model case (component ``<family>.model``) the sequence it runs after and the patch installed
+(``conformance.workloads``)."""
 
 from __future__ import annotations
 
@@ -17,17 +19,25 @@ class Case:
     backend: str
     profile: str
     guard: str = "none"
+    sequence: str = "none"  # a whole-model case: what the process ran before it (workloads.sequences.SEQUENCES)
+    patch: str = "none"  # a whole-model case: the third-party patch installed on every model (workloads.patches)
 
     @property
     def id(self) -> str:
         parts = [self.subject, self.component, self.scale, self.precision, self.backend, self.profile]
         if self.guard != "none":
             parts.append(f"guard={self.guard}")
+        if self.sequence != "none":
+            parts.append(f"seq={self.sequence}")
+        if self.patch != "none":
+            parts.append(f"patch={self.patch}")
         return "-".join(parts)
 
     @property
     def kind(self) -> str:
-        """``block`` or ``vae``: the part after the family in the component name decides."""
+        """``block``, ``vae`` or ``sequence`` (a whole model after a sequence of others)."""
+        if self.sequence != "none":
+            return "sequence"
         return "vae" if ".vae" in self.component else "block"
 
     def markers(self) -> list[str]:
@@ -41,6 +51,10 @@ class Case:
             names.append("vae")
         if self.guard != "none":
             names.append("guard")
+        if self.kind == "sequence":
+            names.append("sequence")
+        if self.patch != "none":
+            names.append("patch")
         return names
 
     def as_dict(self) -> dict:

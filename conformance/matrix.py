@@ -29,8 +29,9 @@ def build_matrix(
     scales: tuple[str, ...] = ("tiny",),
     profiles: tuple[str, ...] | None = None,
     guards: tuple[str, ...] = ("none",),
+    patches: tuple[str, ...] = (),
 ) -> list[MatrixEntry]:
-    entries = []
+    entries = _whole_model_entries(subject, device, patches)
     for component, reason in subject.unavailable_components().items():
         entries += _unavailable(subject, component, reason, scales, profiles, guards)
     for component in subject.components():
@@ -59,6 +60,19 @@ def build_matrix(
                     case = Case(subject.name, family, component, scale, "fp32", XCHECK, profile)
                     reason = subject.xcheck_reason(component) or (f"profile {profile}: {profile_reason}" if profile_reason else None) or _partner_reason(subject.xcheck_partner)
                     entries.append(MatrixEntry(case, reason))
+    return entries
+
+
+def _whole_model_entries(subject: Subject, device: torch.device, patches: tuple[str, ...]) -> list[MatrixEntry]:
+    """The sequence cases (``conformance.workloads.cases``), each skipped with the subject's or precision's reason."""
+    from .workloads.cases import sequence_cases
+
+    subject_reason = subject.whole_models_reason()
+    entries = []
+    for case in sequence_cases(subject.name, subject.reference_backend, patches):
+        precision = PRECISIONS[case.precision]
+        reasons = [subject_reason] if subject_reason else [f"{precision.name}: {r}" for r in precision.not_supported_reasons(device)]
+        entries.append(MatrixEntry(case, "; ".join(reasons) or None))
     return entries
 
 

@@ -46,6 +46,7 @@ class EngineOptions:
     outputs_dir: Path | None = None  # where each case's outputs are saved (float32 safetensors), for the upgrade gate
     run_id: str | None = None  # recorded with each golden made; this run's own goldens need no confirmation
     identity: Mapping[str, object] | None = None  # a golden identity already resolved by the run (the prefetcher's)
+    patch_specs: Mapping[str, str] = field(default_factory=dict)  # whole-model cases: patch name -> module:callable
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Engine(ForwardRunner, GoldenSource):
         self.init_goldens()
         self._reference: dict[tuple, dict | None] = {}
         self._partner: Subject | None = None
+        self._sequences = None
 
     def _other_paths_agree(self, case: Case, precision: Precision, inputs: ComponentInputs, outputs: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """In fp32, every other way the subject offers to force the backend must give the same bits."""
@@ -193,6 +195,15 @@ class Engine(ForwardRunner, GoldenSource):
             tmp.replace(path)
         return str(path.relative_to(self.options.outputs_dir))
 
+    def sequences(self):
+        """The whole-model cases' runner (``conformance.workloads.cases``), made on first use."""
+        if self._sequences is None:
+            from .workloads.cases import SequenceRunner
+
+            models, worker = self.subject.whole_models()
+            self._sequences = SequenceRunner(models, worker, dict(self.options.patch_specs))
+        return self._sequences
+
     def partner(self) -> Subject:
         if self._partner is None:
             from .subjects import load_subject
@@ -244,6 +255,8 @@ class Engine(ForwardRunner, GoldenSource):
     def run(self, case: Case) -> CaseResult:
         if case.backend == XCHECK:
             return self.run_xcheck(case)
+        if case.kind == "sequence":
+            return self.sequences().run(case)
         start = time.perf_counter()
         self.phases = {}
         precision = family_precision(case.precision, case.family)

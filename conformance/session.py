@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import functools
 import os
 import time
 import uuid
@@ -44,10 +45,12 @@ OTHER_MARKERS = {
     "gpu": "needs a CUDA device",
     "real": "real-dimension cases (--scale real)",
     "guard": "cases run under a guard policy",
+    "sequence": "whole tiny models after a sequence of other families in one process (conformance.workloads)",
+    "patch": "whole-model cases with a third-party patch installed (--conformance-patch, fixtures/patches/)",
     "lifecycle": "repeated and mixed-model runs in one process",
     "bench": "benchmarks (pytest-benchmark); not part of the default run",
     XCHECK: "cross-implementation check: same weights and inputs through two subjects' components, fp32",
-    "conformance(kind)": "a test that takes the `case` fixture; kind is 'block' or 'vae'",
+    "conformance(kind)": "a test that takes the `case` fixture; kind is 'block', 'vae' or 'sequence'",
     "xdist_group(name)": "pytest-xdist --dist loadgroup: cases that share a golden run in one worker",
 }
 
@@ -140,6 +143,7 @@ class ConformanceSession:
             unknown = [p for p in profiles if p not in known]
             if unknown:
                 raise UsageError(f"--conformance-profile: no family defines {unknown}; known: {', '.join(sorted(known))}")
+        self.patch_specs  # noqa: B018 - raises UsageError naming a patch that cannot be loaded
         expectations = self.opt("expectations")
         if expectations:
             from .expectations import load_ratchet
@@ -150,6 +154,20 @@ class ConformanceSession:
                 raise UsageError(f"--expectations: {expectations} does not exist (write one with: python -m conformance expectations --from REPORT_DIR --out FILE)") from None
             except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise UsageError(f"--expectations: {expectations} is not a ratchet file ({type(error).__name__}: {error})") from None
+
+    @functools.cached_property
+    def patch_specs(self) -> dict[str, str]:
+        """Case patch name -> ``module:callable``: the suite's example patches and every ``--conformance-patch``."""
+        from .workloads.patches import BUILTIN, PatchError, load_patch
+
+        specs = dict(BUILTIN)
+        for spec in self.opt("patch") or []:
+            try:
+                patch = load_patch(spec)
+            except PatchError as error:
+                raise UsageError(f"--conformance-patch: {error}") from None
+            specs[patch.name] = spec
+        return specs
 
     def _refuse_comfyui_conftests(self, checkout: Path) -> None:
         """When the plugin comes from the checkout's conftest.py (not installed), pytest reads ``--comfyui PATH`` as a
@@ -243,7 +261,7 @@ class ConformanceSession:
     def matrix(self):
         if self._matrix is None:
             profiles = _split(self.opt("profile"))
-            self._matrix = build_matrix(self.subject, self.device, self.scales, profiles, self.guards)
+            self._matrix = build_matrix(self.subject, self.device, self.scales, profiles, self.guards, tuple(self.patch_specs))
         return self._matrix
 
     def golden_command(self, key) -> str:
@@ -294,6 +312,7 @@ class ConformanceSession:
                     golden_command=self.golden_command,
                     outputs_dir=self.report_dir / "outputs" if self.opt("save_outputs") else None,
                     run_id=self.run_id,
+                    patch_specs=self.patch_specs,
                 ),
             )
         return self._engine
@@ -404,7 +423,7 @@ class ConformanceSession:
         keys: dict[tuple[str, str, str], None] = {}
         for item in items:
             case = self.case_by_nodeid.get(item.nodeid)
-            if case is None or case.backend == XCHECK or item.get_closest_marker("skip") is not None:
+            if case is None or case.backend == XCHECK or case.kind == "sequence" or item.get_closest_marker("skip") is not None:
                 continue
             keys.setdefault((case.component, case.scale, case.profile), None)
         engine = self.engine

@@ -184,6 +184,15 @@ class Subject(ABC):
         """Why ``component`` has no cross-subject check (None: it has one)."""
         return None
 
+    def whole_models_reason(self) -> str | None:
+        """Why this subject offers no whole-model cases here (None: ``whole_models`` gives them)."""
+        return f"whole-model sequences are built for ComfyUI only so far ({self.name} has none)"
+
+    def whole_models(self):
+        """The subject's whole tiny models (``conformance.workloads.base.WholeModels``) and the arguments that make a
+        fresh worker process load the same subject: ``(models, worker_args)``."""
+        raise NotImplementedError(self.whole_models_reason())
+
     @abstractmethod
     def info(self) -> SubjectInfo: ...
 

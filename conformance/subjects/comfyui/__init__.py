@@ -55,6 +55,16 @@ class ComfyUISubject(Subject):
     def info(self) -> SubjectInfo:
         return self._info
 
+    def whole_models_reason(self) -> str | None:
+        return None
+
+    def whole_models(self):
+        if getattr(self, "_whole_models", None) is None:
+            from ...workloads.comfyui import ComfyWholeModels
+
+            self._whole_models = ComfyWholeModels(self.comfy, self.device)
+        return self._whole_models, ["--comfyui", str(self.comfy.path), "--device", str(self.device)]
+
     def settings(self) -> dict:
         return {**self.comfy.global_settings, "features": dict(self.comfy.features), "missing_components": self.missing_components}
 

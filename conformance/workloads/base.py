@@ -1,0 +1,115 @@
+"""What a subject offers for whole-model cases (``WholeModels``), and how a sampling run is watched.
+
+A subject's whole models are tiny (a few blocks, synthetic weights) but built, loaded, sampled and unloaded by the
+subject's own classes and functions. The probes of the block suite sit on the whole diffusion model for the whole
+run; the sampler's per-step callback closes each step, so a first bad value is placed by step, block and module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends import CallCounter
+from ..boundaries import BoundaryRecord, first_nonfinite
+from ..probes import Probes
+
+
+@dataclass
+class Sampled:
+    latent: torch.Tensor
+
+
+class WholeModels(ABC):
+    """A subject's whole tiny models and its own model management."""
+
+    subject: str
+    families: tuple[str, ...]
+    notes: list[str]
+
+    @property
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def build(self, family: str, dtype: torch.dtype, seed: int):
+        """A handle on the whole model (ComfyUI: a ``ModelPatcher``), weights and compute in ``dtype``."""
+
+    @abstractmethod
+    def sample(self, handle, family: str, steps: int, seed: int, observer: StepObserver | None = None) -> Sampled: ...
+
+    @abstractmethod
+    def diffusion_model(self, handle) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def backend(self, family: str, backend: str, counter: CallCounter) -> contextlib.AbstractContextManager: ...
+
+    @abstractmethod
+    def expected_kernels(self, backend: str) -> tuple[str, ...]: ...
+
+    @abstractmethod
+    def release(self, handle) -> None: ...
+
+    @abstractmethod
+    def clear(self) -> None:
+        """The subject's own cache clearing (``...>clear>...`` in a sequence)."""
+
+    @abstractmethod
+    def state_modules(self) -> tuple[str, ...]:
+        """Modules whose globals are snapshotted around a sequence (``workloads.state``)."""
+
+    @abstractmethod
+    def loaded_models(self) -> int: ...
+
+    @staticmethod
+    def block_of(path: str) -> tuple[str | None, str]:
+        """``(block, module inside it)`` of a module path of the diffusion model; ``(None, path)`` outside blocks."""
+        return None, path
+
+
+@dataclass
+class StepRecord:
+    step: int
+    records: list[BoundaryRecord]
+
+
+@dataclass
+class StepObserver:
+    """The probes on a whole diffusion model over a sampling run, closed step by step by the sampler's callback."""
+
+    models: WholeModels
+    root: torch.nn.Module
+    steps: list[StepRecord] = field(default_factory=list)
+    _probes: Probes | None = None
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[StepObserver]:
+        with Probes(self.root, root_label="model") as probes:
+            self._probes = probes
+            try:
+                yield self
+            finally:
+                self._probes = None
+
+    def step_done(self, step: int) -> None:
+        self.steps.append(StepRecord(step, self._probes.records()))
+
+    def first_bad(self) -> dict | None:
+        """The first non-finite value of the run: step, block, module and tensor (``None`` when every value was finite)."""
+        for step in self.steps:
+            found = first_nonfinite(step.records)
+            if found is not None:
+                block, inner = self.models.block_of(found["module"])
+                return {**found, "step": step.step, "block": block, "in_block": inner}
+        return None
+
+    def worst_headroom(self) -> float | None:
+        headrooms = [r.headroom for s in self.steps for r in s.records if r.headroom is not None]
+        return min(headrooms) if headrooms else None
+
+    def boundaries(self) -> int:
+        return sum(len(s.records) for s in self.steps)
