@@ -53,6 +53,8 @@ class Case:
             names.append("guard")
         if self.kind == "sequence":
             names.append("sequence")
+            if "*" in self.sequence:  # a model run many times over (workloads.sequences.REPEAT)
+                names.append("lifecycle")
         if self.patch != "none":
             names.append("patch")
         return names

@@ -66,12 +66,16 @@ def build_matrix(
 def _whole_model_entries(subject: Subject, device: torch.device, patches: tuple[str, ...]) -> list[MatrixEntry]:
     """The sequence cases (``conformance.workloads.cases``), each skipped with the subject's or precision's reason."""
     from .workloads.cases import sequence_cases
+    from .workloads.lifecycle import judged, not_judged_reason
+    from .workloads.sequences import REPEAT
 
     subject_reason = subject.whole_models_reason()
     entries = []
     for case in sequence_cases(subject.name, subject.reference_backend, patches):
         precision = PRECISIONS[case.precision]
         reasons = [subject_reason] if subject_reason else [f"{precision.name}: {r}" for r in precision.not_supported_reasons(device)]
+        if not reasons and case.sequence == REPEAT and not judged(device):
+            reasons = [f"lifecycle: {not_judged_reason(device)}"]
         entries.append(MatrixEntry(case, "; ".join(reasons) or None))
     return entries
 

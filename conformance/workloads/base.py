@@ -51,6 +51,14 @@ class WholeModels(ABC):
     @abstractmethod
     def expected_kernels(self, backend: str) -> tuple[str, ...]: ...
 
+    def load(self, handle) -> None:
+        """Load the model the way the subject does before it samples (ComfyUI: ``load_models_gpu``); the default
+        leaves it to ``sample``."""
+
+    def unload(self) -> None:
+        """Unload every model the way the subject does (the default: its cache clearing)."""
+        self.clear()
+
     @abstractmethod
     def release(self, handle) -> None: ...
 

@@ -23,7 +23,8 @@ from ..compare import Failure
 from ..results import CaseResult
 from .base import WholeModels
 from .patches import Patch, PatchError, load_patch
-from .sequences import FRESH, SEED_ROWS, SEQUENCES, TARGET, RunSpec, compare_bits, describe, run_sequence, run_worker
+from .lifecycle import judged, leftover, mib, not_judged_reason
+from .sequences import FRESH, REPEAT, SEED_ROWS, SEQUENCES, TARGET, RunSpec, compare_bits, describe, run_sequence, run_worker
 from .state import differences
 
 COMPONENT = f"{TARGET}.model"
@@ -35,6 +36,8 @@ def sequence_cases(subject: str, backend: str, patches: tuple[str, ...]) -> list
     for patch in ("none", *patches):
         for precision in PRECISIONS:
             for sequence in SEQUENCES:
+                if sequence == REPEAT and patch != "none":
+                    continue
                 cases.append(Case(subject, TARGET, COMPONENT, "tiny", precision, backend, "nominal", sequence=sequence, patch=patch))
     return cases
 
@@ -48,6 +51,8 @@ class SequenceRunner:
         self.patch_specs = patch_specs  # case patch name -> module:callable
         self._patches: dict[str, Patch] = {}
         self._references: dict[RunSpec, tuple[torch.Tensor, dict[str, str], float]] = {}
+        self.device = getattr(models, "device", torch.device("cpu"))
+        self.runs_done = 0  # whole-model runs of this process: the first may leave workspaces behind (lifecycle)
 
     def patch(self, name: str) -> Patch | None:
         if name == "none":
@@ -64,6 +69,8 @@ class SequenceRunner:
         return self._references[spec]
 
     def unsupported(self, case: Case) -> str | None:
+        if case.sequence == REPEAT and not judged(self.device):
+            return not_judged_reason(self.device)
         try:
             patch = self.patch(case.patch)
         except PatchError as error:
@@ -77,7 +84,8 @@ class SequenceRunner:
         start = time.perf_counter()
         reason = self.unsupported(case)
         if reason:
-            return CaseResult(case, "skipped", reason=f"patch {case.patch}: {reason}", seconds=time.perf_counter() - start)
+            label = "lifecycle" if case.sequence == REPEAT else f"patch {case.patch}"
+            return CaseResult(case, "skipped", reason=f"{label}: {reason}", seconds=time.perf_counter() - start)
         spec = RunSpec(case.precision, case.backend, self.patch(case.patch))
         reference, reference_state, reference_seconds = self.reference(spec)
         run = run_sequence(self.models, case.sequence, spec, self.worker)
@@ -108,6 +116,12 @@ class SequenceRunner:
         expected = self.models.expected_kernels(case.backend)[:1]
         if case.sequence != FRESH and expected and not run.calls.as_dict().get(expected[0]):
             failures.append(Failure("kernel_not_run", f"{expected[0]} was never called (calls: {run.calls.as_dict()})", metric="calls"))
+        failures += self._memory_failures(case, run)
+        if run.target_memory and run.target_memory[0].allocated is not None:
+            notes.append(f"{TARGET} memory, allocated / reserved / largest free block: " + "; ".join(
+                f"{p.label} {mib(p.allocated)} / {mib(p.reserved)} / {mib(p.largest_free_block)}" for p in run.target_memory
+            ))  # fmt: skip
+        self.runs_done += 1 + len(run.ran) + len(run.repeats)
         metrics = {"rel_l2": bits["rel_l2"], "max_abs": bits["max_abs_diff"], "differing": bits["differing"]}
         budget = None
         if spec.patch is not None and case.sequence == "isolated":
@@ -140,3 +154,24 @@ class SequenceRunner:
             failure_kinds=[f.as_dict() for f in failures],
             notes=notes,
         )
+
+    def _memory_failures(self, case: Case, run) -> list[Failure]:
+        """The lifecycle rules on CUDA (``workloads.lifecycle``): nothing left allocated after unload, from the
+        process's second whole-model run on; no growth over the repeated runs."""
+        if not judged(self.device) or case.sequence == FRESH:
+            return []
+        failures = []
+        left = leftover(run.target_memory)
+        if self.runs_done + len(run.ran) > 0 and left:
+            failures.append(Failure("memory_leftover", f"{TARGET}: {mib(left)} still allocated after ComfyUI unloaded it ({left} bytes)", metric="allocated", value=left))
+        if run.repeats:
+            baseline = run.target_memory[-1].allocated
+            after = [points[-1].allocated for points in run.repeats]
+            worst = max(after)
+            if worst > baseline:
+                grown_at = after.index(worst) + 2
+                failures.append(Failure(
+                    "memory_growth", f"allocated after unload grew by {mib(worst - baseline)} over {len(after) + 1} runs (first at run {grown_at})",
+                    metric="allocated", value=worst - baseline,
+                ))  # fmt: skip
+        return failures

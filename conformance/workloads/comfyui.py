@@ -199,6 +199,13 @@ class ComfyWholeModels(WholeModels):
     def expected_kernels(self, backend: str) -> tuple[str, ...]:
         return attention.expected_kernels(backend)
 
+    def load(self, handle) -> None:
+        self.mm.load_models_gpu([handle])
+
+    def unload(self) -> None:
+        self.mm.unload_all_models()
+        self.mm.soft_empty_cache()
+
     def release(self, handle) -> None:
         """What a workflow does when it is done with a model: drop it (ComfyUI unloads it when memory is wanted)."""
         del handle

@@ -13,6 +13,7 @@ difference there means the process was already changed by earlier cases (a patch
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -26,11 +27,13 @@ import torch
 
 from ..backends import CallCounter
 from .base import StepObserver, WholeModels
+from .lifecycle import REPEATS, MemoryPoint, measure
 from .patches import Patch
 from .state import differences, snapshot
 
 CLEAR = "clear"
 FRESH = "fresh-process"
+REPEAT = f"qwen*{REPEATS}"
 TARGET = "qwen"
 
 # name -> what runs before the target; the seed's row (seeds/000) in the comment
@@ -41,8 +44,9 @@ SEQUENCES: dict[str, tuple[str, ...]] = {
     "wan>flux>qwen": ("wan", "flux"),  # C3
     "wan>flux>clear>qwen": ("wan", "flux", CLEAR),  # D1
     FRESH: ("wan", "flux", FRESH),  # D2: the worker restarted before Qwen
+    REPEAT: (),  # seeds 001/002: the same model loaded, sampled and unloaded REPEATS times (memory lifecycle)
 }
-SEED_ROWS = {"isolated": "A1-A3", "wan>qwen": "C1", "flux>qwen": "C2", "wan>flux>qwen": "C3", "wan>flux>clear>qwen": "D1", FRESH: "D2"}
+SEED_ROWS = {"isolated": "A1-A3", "wan>qwen": "C1", "flux>qwen": "C2", "wan>flux>qwen": "C3", "wan>flux>clear>qwen": "D1", FRESH: "D2", REPEAT: "001/002"}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STEPS = 6  # euler steps, cfg 2: enough for a first-block cache to skip some (it compares consecutive steps)
@@ -66,6 +70,7 @@ class ModelRun:
     family: str
     seconds: float
     nonfinite: bool
+    memory: list[MemoryPoint] = field(default_factory=list)
 
 
 @dataclass
@@ -80,12 +85,20 @@ class SequenceRun:
     loaded_models_after: int | None = None
     target_seconds: float = 0.0
     state_at_target: dict[str, str] = field(default_factory=dict)  # the snapshot taken as the target started
+    target_memory: list[MemoryPoint] = field(default_factory=list)
+    repeats: list[list[MemoryPoint]] = field(default_factory=list)  # the REPEAT row: every run's points
 
 
-def _run_model(models: WholeModels, family: str, spec: RunSpec, counter: CallCounter, observe: bool):
+def _run_model(models: WholeModels, family: str, spec: RunSpec, counter: CallCounter, observe: bool, device: torch.device | None = None):
+    """Build, load, sample, release and unload one model, as a workflow does; its latent (on the CPU), the observer,
+    the sampling seconds and the memory at the lifecycle's four points (``workloads.lifecycle``)."""
+    device = device or getattr(models, "device", torch.device("cpu"))
+    memory = [measure(device, "before build")]
     handle = models.build(family, DTYPES[spec.precision], spec.seed)
     if spec.patch is not None:
         handle = spec.patch.apply(handle)
+    models.load(handle)
+    memory.append(measure(device, "after load"))
     observer = StepObserver(models, models.diffusion_model(handle)) if observe else None
     start = time.perf_counter()
     with torch.no_grad(), models.backend(family, spec.backend, counter):
@@ -95,9 +108,16 @@ def _run_model(models: WholeModels, family: str, spec: RunSpec, counter: CallCou
         else:
             sampled = models.sample(handle, family, spec.steps, spec.seed)
     seconds = time.perf_counter() - start
+    memory.append(measure(device, "after run"))
+    latent = sampled.latent.to("cpu")
+    if observer is not None:
+        observer.root = None
     models.release(handle)
-    del handle
-    return sampled.latent, observer, seconds
+    del handle, sampled
+    models.unload()
+    gc.collect()
+    memory.append(measure(device, "after unload"))
+    return latent, observer, seconds, memory
 
 
 def run_sequence(models: WholeModels, sequence: str, spec: RunSpec, worker: list[str] | None = None) -> SequenceRun:
@@ -111,8 +131,8 @@ def run_sequence(models: WholeModels, sequence: str, spec: RunSpec, worker: list
         elif step == FRESH:
             break
         else:
-            latent, _, seconds = _run_model(models, step, spec, CallCounter(), observe=False)
-            ran.append(ModelRun(step, seconds, not bool(torch.isfinite(latent).all())))
+            latent, _, seconds, memory = _run_model(models, step, spec, CallCounter(), observe=False)
+            ran.append(ModelRun(step, seconds, not bool(torch.isfinite(latent).all()), memory))
     at_target = snapshot(watched)
     changes = differences(before, at_target)
     if sequence == FRESH:
@@ -122,11 +142,18 @@ def run_sequence(models: WholeModels, sequence: str, spec: RunSpec, worker: list
         latent, worker_state = run_worker(worker, spec)
         return SequenceRun(latent, None, None, 0, CallCounter(), changes, ran, None, time.perf_counter() - start, worker_state)
     counter = CallCounter()
-    latent, observer, seconds = _run_model(models, TARGET, spec, counter, observe=True)
-    return SequenceRun(
+    latent, observer, seconds, memory = _run_model(models, TARGET, spec, counter, observe=True)
+    run = SequenceRun(
         latent, observer.first_bad(), observer.worst_headroom(), observer.boundaries(), counter, changes, ran, models.loaded_models(),
-        seconds, at_target,
+        seconds, at_target, memory,
     )  # fmt: skip
+    if sequence == REPEAT:
+        for _ in range(REPEATS - 1):
+            again, _, _, points = _run_model(models, TARGET, spec, CallCounter(), observe=False)
+            run.repeats.append(points)
+            if not torch.equal(again, latent):
+                run.state_changes.append(f"run {len(run.repeats) + 1} of {REPEATS} sampled a different latent than the first")
+    return run
 
 
 def spec_modules(spec: RunSpec) -> tuple[str, ...]:
@@ -169,7 +196,9 @@ def compare_bits(reference: torch.Tensor, latent: torch.Tensor) -> dict:
 
 def describe(run: SequenceRun) -> dict:
     return {
-        "ran_before": [{"family": r.family, "seconds": round(r.seconds, 4), "nonfinite": r.nonfinite} for r in run.ran],
+        "ran_before": [{"family": r.family, "seconds": round(r.seconds, 4), "nonfinite": r.nonfinite, "memory": [p.as_dict() for p in r.memory]} for r in run.ran],
+        "target_memory": [p.as_dict() for p in run.target_memory],
+        "repeats_after_unload": [p[-1].as_dict() for p in run.repeats],
         "state_changes": run.state_changes,
         "loaded_models_after": run.loaded_models_after,
         "target_seconds": round(run.target_seconds, 4),

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     models = ComfyWholeModels(load(Path(args.comfyui), device), device)
     spec = RunSpec(args.precision, args.backend, load_patch(args.patch) if args.patch else None, args.steps, args.seed)
     state = snapshot(models.state_modules() + spec_modules(spec))
-    latent, _, _ = _run_model(models, TARGET, spec, CallCounter(), observe=False)
+    latent, _, _, _ = _run_model(models, TARGET, spec, CallCounter(), observe=False)
     save_file({"latent": latent.contiguous()}, args.out, metadata={"state": json.dumps(state)})
     return 0
 
