@@ -14,6 +14,7 @@ import torch
 from .atomic import write_text
 from .machine import cpu_path
 from .results import CaseResult
+from .rundir import needs_attention
 
 SCHEMA_VERSION = 1
 
@@ -99,14 +100,13 @@ def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
     ]
     lines += [f"> {note}" for note in run.get("notes") or []] + ([""] if run.get("notes") else [])
     # What needs attention comes first: a reader of a run with hundreds of cases must not scroll to find a failure.
-    failed = [r for r in results if r.outcome in ("failed", "error")]
+    attention = needs_attention(results)
+    failed, changed, stale = attention.failed, attention.changed, attention.stale
     if failed:
-        changed = [r for r in failed if any(f.get("kind") == "expectation" for f in r.failure_kinds)]
         lines += [f"## Failed ({len(failed)})", ""]
         if changed:
             lines += [f"{len(changed)} of them matched a declared expected failure that now fails another way (changed expectation).", ""]
         lines += [f"- `{r.id}` **{r.outcome}**: {_cell(r.reason or '')}" for r in failed] + [""]
-    stale = [r for r in results if r.outcome == "passed" and r.expected_failure]
     if stale:
         lines += ["## Stale expected failures", "", "Declared non-strict in `fixtures/expected_failures.toml` and passed here:", ""]
         by_entry = Counter(i for r in stale for i in r.expected_failure["index"])

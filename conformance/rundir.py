@@ -1,7 +1,8 @@
 """Reading a finished run's report directory: ``results.json``, the saved outputs and ``benchmark.json``.
 
 The HTML report, the upgrade gate and the ratchet writer all read runs the same way through this module, so a
-change to the directory layout (``report.py``, ``--save-outputs``) has one place to follow. It imports neither torch
+change to the directory layout (``report.py``, ``--save-outputs``) has one place to follow. What of a run needs
+attention is selected here too, so summary.md and report.html open on the same cases. It imports neither torch
 nor matplotlib: the gate and the CLI stay usable on a machine that only holds two report directories.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -150,3 +152,34 @@ def ordered(values, order: tuple[str, ...]) -> list[str]:
     seen = list(dict.fromkeys(values))
     known = [v for v in order if v in seen]
     return known + [v for v in seen if v not in order]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """The cases a reader of a run must see before anything else, each list in run order.
+
+    ``failed``: failed and error cases; ``changed``: those of them whose failures include a changed expectation (a
+    declared expected failure that now fails another way, or that passed under a strict declaration); ``stale``:
+    passed under a non-strict declaration; ``masked``: a non-finite value inside the component that the subject's
+    guard hid from the outputs, whatever the outcome (an xfailed one included)."""
+
+    failed: list
+    changed: list
+    stale: list
+    masked: list
+
+
+def needs_attention(cases) -> Attention:
+    """Select what needs attention from ``cases``: results.json cases (dicts) or ``CaseResult`` objects, since
+    summary.md renders the one and report.html the other; the items are returned as given."""
+    failed = [c for c in cases if _field(c, "outcome") in ("failed", "error")]
+    return Attention(
+        failed=failed,
+        changed=[c for c in failed if any(f.get("kind") == "expectation" for f in _field(c, "failure_kinds") or [])],
+        stale=[c for c in cases if _field(c, "outcome") == "passed" and _field(c, "expected_failure")],
+        masked=[c for c in cases if (_field(c, "first_nonfinite") or {}).get("masked_by_guard")],
+    )
+
+
+def _field(case, name: str):
+    return case.get(name) if isinstance(case, dict) else getattr(case, name, None)

@@ -2,6 +2,8 @@
 
 The clickable map is the part most likely to silently break (a layout change moves the cells, the rectangles stay):
 the rectangles are checked against the PNG's own pixels here, and against the browser's hit testing in Chromium.
+What a reader sees first is checked in Chromium too, at a laptop's window size: the section on what needs attention
+near the top, no sideways scrolling, a failed cell's red ring in the pixels.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from urllib.parse import unquote
 import pytest
 
 from conformance import html_report
-from conformance.html_report import cell_marks, render_html, render_report_dir
+from conformance.html_report import cell_marks, fold, render_html, render_html_text, render_report_dir
 
 from .reportdirs import executed, real_report
 
@@ -104,6 +106,29 @@ def _png(image: dict):
     return Image.open(BytesIO(base64.b64decode(data))).convert("RGB")
 
 
+def _shown(cases: list[dict]) -> set[str]:
+    """Ids of the cases a heatmap keeps: those in a column (precision x backend) and a row in which some case ran."""
+    ran = [c for c in cases if c["outcome"] != "skipped"]
+    columns, rows = {(c["precision"], c["backend"]) for c in ran}, {html_report.row_key(c) for c in ran}
+    return {c["id"] for c in cases if (c["precision"], c["backend"]) in columns and html_report.row_key(c) in rows}
+
+
+def _area(page: _Page, suffix: str) -> tuple[int, int, int, int]:
+    (area,) = [a for a in page.areas if a["href"].endswith(suffix)]
+    return tuple(map(int, area["coords"].split(",")))
+
+
+def _ring_pixels(png, box, colour, tolerance=40) -> int:
+    """Pixels near ``colour`` in the band of width 4 just inside the cell's rectangle."""
+    x0, y0, x1, y1 = box
+    band = [(x, y) for x in range(x0, x1) for y in range(y0, y1) if min(x - x0, x1 - 1 - x, y - y0, y1 - 1 - y) < 4]
+    return sum(1 for xy in band if all(abs(a - b) <= tolerance for a, b in zip(png.getpixel(xy), colour)))
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
 def test_real_run_renders_one_self_contained_clickable_heatmap(real, document, tmp_path):
     path = render_html(document, tmp_path / "report.html")
     page = _parse(path)
@@ -115,9 +140,12 @@ def test_real_run_renders_one_self_contained_clickable_heatmap(real, document, t
     assert png.size == (int(image["width"]), int(image["height"]))
     (map_,) = page.maps
     assert image["usemap"] == "#" + map_["name"]
-    # every case, skipped ones included, has one clickable cell and one table row
-    assert len(page.areas) == len(document["cases"])
-    assert {unquote(a["href"][1:]) for a in page.areas} == {f"case-{c['id']}" for c in document["cases"]}
+    # every case in a column and row where something ran, skipped ones included, has one clickable cell; every
+    # case has a table row
+    shown = _shown(document["cases"])
+    assert len(page.areas) == len(shown) < len(document["cases"])
+    assert {unquote(a["href"][1:]) for a in page.areas} == {f"case-{i}" for i in shown}
+    assert {f"case-{c['id']}" for c in document["cases"]} <= page.ids
     for area in page.areas:
         assert unquote(area["href"][1:]) in page.ids
         x0, y0, x1, y1 = map(int, area["coords"].split(","))
@@ -178,7 +206,8 @@ def test_edited_run_shows_marks_numbers_and_reasons(edited, tmp_path):
     assert "entered at the component's input" in titles[PREFIX + "fp16-math-nominal"]
     assert "25 x budget" in titles[PREFIX + "fp16-sdpa-massive"]
     assert "RuntimeError: boom" in titles[PREFIX + "fp32-math-nominal"]
-    assert "not offered by diffusers" in titles[PREFIX + "fp32-split-nominal"]
+    assert PREFIX + "fp32-split-nominal" not in titles  # its column is folded; the line under the heatmap says why
+    assert re.search(r"folded: columns split, sub_quad, basic, [^.]*\(fp32, fp16\)\. Skipped, most often: split: not offered by diffusers", text)
     row = re.search(r'<tr id="case-' + re.escape(PREFIX) + r'fp16-math-massive".*?</tr>', path.read_text(), re.S).group(0)
     assert "attn" in row and "float16" in row and "o-failed" in row
     assert "outcomes</td><td>passed 2, failed 4, xfailed 1, error 1, skipped 24" in text
@@ -202,7 +231,8 @@ def test_a_thousand_cases_render_into_one_image_map(document, tmp_path):
     """A nightly-sized run renders one heatmap image with an area per case. (Its time is printed, not asserted: a
     wall-clock limit fails on a loaded CI machine; it took 10 s beside a busy pytest-xdist run on 2 cores.)"""
     cases = []
-    base = [c for c in document["cases"] if c["profile"] == "nominal"]
+    ran = {p: next(c for c in executed(document) if c["precision"] == p and c["profile"] == "nominal") for p in ("fp32", "fp16")}
+    base = [dict(ran[c["precision"]], backend=c["backend"]) for c in document["cases"] if c["profile"] == "nominal"]  # every column ran
     for component in ("qwen.block", "flux.double", "flux.single", "wan.t2v", "wan.i2v", "wan.ti2v"):
         for scale in ("tiny", "real"):
             for profile in ("nominal", "massive", "fp16_overflow"):
@@ -220,6 +250,81 @@ def test_a_thousand_cases_render_into_one_image_map(document, tmp_path):
     print(f"{len(big['cases'])} cases rendered in {seconds:.1f} s")
 
 
+@pytest.fixture(scope="module")
+def wide(document, edited) -> dict:
+    """The edited run with a case in every cell (a passed one where the real run skipped) and every precision: wider
+    than one laptop-sized figure."""
+    doc = copy.deepcopy(edited)
+    ran = {(c["precision"], c["profile"]): c for c in document["cases"] if c["outcome"] == "passed"}
+    cases = [c if c["outcome"] != "skipped" else dict(ran[(c["precision"], c["profile"])], id=c["id"], backend=c["backend"]) for c in doc["cases"]]
+    for precision in ("bf16", "fp8_e4m3", "fp8_scaled", "fp8_block", "fp8_mm"):
+        cases += [dict(c, precision=precision, id=c["id"].replace("-fp16-", f"-{precision}-")) for c in cases if c["precision"] == "fp16"]
+    doc["cases"] = cases
+    return doc
+
+
+def test_needs_attention_opens_the_page_with_a_link_per_case(edited):
+    text = render_html_text(edited)
+    assert text.index('id="attention"') < text.index("<img") < text.index('id="run"')
+    section = unescape(re.search(r'<section id="attention">.*?</section>', text, re.S).group(0))
+    assert "Failed and errors (5)" in section and "Masked non-finite values (1)" in section and "Changed expectations" not in section
+    for case in edited["cases"]:
+        listed = f'href="#case-{case["id"]}"' in section
+        assert listed == (case["outcome"] in ("failed", "error")), case["id"]
+    assert "born in attn (attention): output x16" in section and "entered at the input: hidden_states x4" in section
+    assert "in Tensor.clip (block), masked by the subject's guard: input x64" in section and "RuntimeError: boom" in section
+
+
+def test_changed_expectations_are_listed_and_a_clean_run_says_so_in_one_line(document, edited):
+    doc = copy.deepcopy(edited)
+    by_id = {c["id"]: c for c in doc["cases"]}
+    by_id[PREFIX + "fp16-sdpa-massive"]["failure_kinds"] = [{"kind": "expectation", "message": "expected failure changed: budget became born"}]
+    by_id[PREFIX + "fp32-sdpa-massive"].update(expected_failure={"index": [3]}, notes=["stale expected failure: declared non-strict (budget) and passed here"])
+    section = unescape(re.search(r'<section id="attention">.*?</section>', render_html_text(doc), re.S).group(0))
+    changed = section.split("Changed expectations (2)")[1].split("<h3>")[0]
+    assert "expected failure changed: budget became born" in changed and "stale expected failure: declared non-strict" in changed
+    clean = re.search(r'<section id="attention" class="clear">(.*?)</section>', render_html_text(document), re.S).group(1)
+    assert clean.count("<p>") == 1 and "Nothing needs attention" in clean
+
+
+def test_columns_and_rows_where_nothing_ran_are_folded_and_named(document):
+    doc = copy.deepcopy(document)
+    for case in doc["cases"]:
+        if case["profile"] == "massive":
+            case.update(outcome="skipped", reason="massive: not on this machine")
+    folded = fold(doc["cases"])
+    assert folded.columns == [("fp32", "sdpa"), ("fp32", "math"), ("fp16", "sdpa"), ("fp16", "math")]
+    assert folded.rows == [("qwen.block", "tiny", "nominal", "none")] and folded.folded_rows == [("qwen.block", "tiny", "massive", "none")]
+    text = unescape(render_html_text(doc))
+    note = re.search(r'<p class="folded">(.*?)</p>', text).group(1)
+    assert "columns split, sub_quad, basic, xformers, sage, flash (fp32, fp16)" in note and "rows qwen.block tiny massive" in note
+    assert len(_parse_text(text).areas) == 4  # one per kept cell
+
+
+def _parse_text(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    return page
+
+
+def test_a_wide_matrix_is_split_between_precisions_into_figures_that_fit_a_laptop(wide, tmp_path):
+    page = _parse(render_html(wide, tmp_path / "report.html"))
+    assert len(page.images) == 3 and len(page.maps) == 3
+    assert all(int(i["width"]) <= html_report.MAX_WIDTH * html_report.DPI for i in page.images)
+    assert sorted(unquote(a["href"][len("#case-"):]) for a in page.areas) == sorted(c["id"] for c in wide["cases"])  # each once
+
+
+def test_a_failed_cell_has_a_red_ring_and_an_xfailed_one_a_grey_dashed_line(edited, tmp_path):
+    page = _parse(render_html(edited, tmp_path / "report.html"))
+    png = _png(page.images[0])
+    red, grey = _rgb(html_report.FAILED_EDGE), _rgb(html_report.XFAILED_EDGE)
+    for suffix in ("fp16-sdpa-massive", "fp16-math-massive", "fp16-sdpa-nominal", "fp16-math-nominal", "fp32-math-nominal"):  # failed, error
+        box = _area(page, suffix)
+        assert _ring_pixels(png, box, red) > 4 * (box[2] - box[0]), suffix  # over a quarter of the band is red
+    xfailed = _area(page, "fp32-math-massive")
+    assert _ring_pixels(png, xfailed, red) < 10 and _ring_pixels(png, (xfailed[0] + 2, xfailed[1] + 2, xfailed[2] - 2, xfailed[3] - 2), grey, 30) > 10
+
+
 # --- in a browser -------------------------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -228,21 +333,28 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not in
 # Appended to a copy of the page: once it has loaded, records what the browser sees in a data attribute.
 CHECK_SCRIPT = """<script>
 window.addEventListener('load', () => {
-  // The load event waits for every image, so the heatmap has been decoded (or has failed) by now; all synchronous.
+  // The load event waits for every image, so the heatmaps have been decoded (or have failed) by now; all synchronous.
   const out = {};
   const imgs = [...document.querySelectorAll('img.heatmap-img')];
   out.images = imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight]);
   const areas = [...document.querySelectorAll('map area')];
   out.areas = areas.length;
   out.missing = areas.filter(a => !document.getElementById(decodeURIComponent(new URL(a.href).hash.slice(1)))).map(a => a.getAttribute('href'));
-  const img = imgs[0];
-  img.scrollIntoView();
-  const r = img.getBoundingClientRect();
-  out.hits = areas.filter(a => {
-    const c = a.coords.split(',').map(Number);
-    const el = document.elementFromPoint(r.left + (c[0] + c[2]) / 2, r.top + (c[1] + c[3]) / 2);
-    return el && el.tagName === 'AREA' && el.getAttribute('href') === a.getAttribute('href');
-  }).length;
+  out.inner = [window.innerWidth, window.innerHeight];
+  out.scroll_width = document.documentElement.scrollWidth;
+  out.attention_top = document.getElementById('attention').getBoundingClientRect().top;
+  out.heatmap_top = imgs.length ? imgs[0].getBoundingClientRect().top : null;
+  out.right = Math.max(0, ...imgs.map(i => i.getBoundingClientRect().right));
+  out.hits = 0;
+  for (const img of imgs) {
+    for (const a of document.querySelector('map[name="' + img.useMap.slice(1) + '"]').areas) {
+      const c = a.coords.split(',').map(Number);
+      window.scrollTo(0, window.scrollY + img.getBoundingClientRect().top + (c[1] + c[3]) / 2 - window.innerHeight / 2);
+      const r = img.getBoundingClientRect();
+      const el = document.elementFromPoint(r.left + (c[0] + c[2]) / 2, r.top + (c[1] + c[3]) / 2);
+      out.hits += el && el.tagName === 'AREA' && el.getAttribute('href') === a.getAttribute('href') ? 1 : 0;
+    }
+  }
   const pick = areas[areas.length - 1];
   pick.click();  // a same-document fragment navigation: :target is updated before click() returns
   const target = document.querySelector(':target');
@@ -263,20 +375,52 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
+def _check(tmp_path: Path, page: Path, window: str) -> dict:
+    """What CHECK_SCRIPT records of ``page`` in a Chromium window of size ``window`` ("W,H")."""
+    probe = tmp_path / f"probe-{page.stem}.html"
+    probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    proc = _chromium(tmp_path, f"--window-size={window}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    found = re.search(r'data-check="([^"]*)"', proc.stdout)
+    assert found, f"no result in the DOM; chromium said: {proc.stderr[-2000:]}"
+    return json.loads(unescape(found.group(1)))
+
+
 @needs_chromium
 def test_chromium_decodes_the_heatmap_and_every_area_reaches_its_case(edited, tmp_path):
     page = render_html(edited, tmp_path / "report.html")
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
-    proc = _chromium(tmp_path, "--window-size=2400,1600", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
-    found = re.search(r'data-check="([^"]*)"', proc.stdout)
-    assert found, f"no result in the DOM; chromium said: {proc.stderr[-2000:]}"
-    check = json.loads(unescape(found.group(1)))
+    check = _check(tmp_path, page, "2400,1600")
     image = _parse(page).images[0]
     assert check["images"] == [[True, int(image["width"]), int(image["height"])]]
-    assert check["areas"] == len(edited["cases"]) and check["missing"] == []
+    assert check["areas"] == len(_shown(edited["cases"])) and check["missing"] == []
     assert check["hits"] == check["areas"]  # the browser's hit test finds each area over its own cell
     assert check["target"] == check["clicked"]  # a click on a cell scrolls to that case's row
+
+
+@needs_chromium
+def test_chromium_at_laptop_size_opens_on_what_needs_attention_and_shows_the_failed_cells(edited, tmp_path):
+    from PIL import Image
+
+    page = render_html(edited, tmp_path / "report.html")
+    check = _check(tmp_path, page, "1366,768")
+    width, height = check["inner"]
+    assert width == 1366 and check["scroll_width"] <= width and check["right"] <= width  # no sideways scrolling
+    assert check["attention_top"] < 0.2 * height and check["attention_top"] < check["heatmap_top"]
+    assert check["hits"] == check["areas"] == len(_shown(edited["cases"]))  # folded columns hold no area
+    shot = tmp_path / "shot.png"
+    proc = _chromium(tmp_path, "--window-size=1366,768", f"--screenshot={shot}", page.as_uri())
+    assert shot.is_file(), proc.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1366, 768)
+    red = _rgb(html_report.FAILED_EDGE)
+    rings = sum(n for n, rgb in image.getcolors(maxcolors=1 << 20) if all(abs(a - b) <= 40 for a, b in zip(rgb, red)))
+    assert rings > 5 * 100  # the five failed and crashed cells' rings are on the first screen
+
+
+@needs_chromium
+def test_chromium_at_laptop_size_fits_a_split_matrix_and_its_maps_still_hit(wide, tmp_path):
+    check = _check(tmp_path, render_html(wide, tmp_path / "report.html"), "1366,768")
+    assert len(check["images"]) == 3 and check["scroll_width"] <= check["inner"][0] and check["right"] <= check["inner"][0]
+    assert check["hits"] == check["areas"] == len(wide["cases"])
 
 
 @needs_chromium
