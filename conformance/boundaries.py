@@ -19,7 +19,7 @@ clip or an fp8 saturating cast leaves behind). The first record, in firing order
 the module where the bad value was born (``first_nonfinite``).
 
 How a root module's submodules are named in records (``output_labels``) is worked out once per module tree and kept
-while the tree is unchanged: entering the probes is on the critical path (the GPU is idle before the forward's first
+while the tree is unchanged, without holding the modules (``ModuleTree``): entering the probes is on the critical path (the GPU is idle before the forward's first
 kernel). The recording itself is ``conformance.probes``.
 """
 from __future__ import annotations
@@ -115,55 +115,78 @@ class BoundaryRecord:
         return f"BoundaryRecord({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
-# Per root module: its module count, {submodule: path} and the label tables built from it, rebuilt when the count
-# changes. Entering the probes is on the critical path (the GPU is idle before the forward's first kernel).
-_PATHS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[nn.Module, str], list]] = weakref.WeakKeyDictionary()
+class ModuleTree:
+    """A root module's submodules as the probes name them, cached per root while its tree is unchanged.
+
+    Nothing here holds a module: the cache is a ``WeakKeyDictionary`` on the root, and a value that referenced the
+    root or its submodules would keep the key alive for good (every probed model would stay in memory, its weights on
+    the GPU, after its owner dropped it). Submodules are held by weak reference and tables are keyed by ``id``; the
+    ``{module: path}`` map a ``Probes`` needs while installed is made from the weak references on each entry.
+    """
+
+    __slots__ = ("refs", "paths", "tables", "__weakref__")
+
+    def __init__(self, root: nn.Module) -> None:
+        self.refs: dict[int, weakref.ref] = {}
+        self.paths: dict[int, str] = {}
+        for path, module in root.named_modules(remove_duplicate=True):
+            self.refs[id(module)] = weakref.ref(module)
+            self.paths[id(module)] = path
+        self.tables: list = []  # (boundary names, root label, {id(module): (boundary, module name)})
+
+    def matches(self, modules: list[nn.Module]) -> bool:
+        refs = self.refs
+        return len(modules) == len(refs) and all((ref := refs.get(id(m))) is not None and ref() is m for m in modules)
+
+    def modules(self) -> dict[nn.Module, str]:
+        return {ref(): self.paths[key] for key, ref in self.refs.items()}
 
 
-def module_paths(root: nn.Module, check: bool = False) -> tuple[dict[nn.Module, str], list]:
-    """``{submodule: path}`` of ``root`` and the cache of label tables that goes with it; with ``check``, the cached
-    map is first compared with the module tree (a walk of it) and built again if a module was added or replaced."""
-    cached = _PATHS.get(root)
-    if cached is not None and check:
-        modules = list(root.modules())
-        if len(modules) != cached[0] or any(m not in cached[1] for m in modules):
-            cached = None
-    if cached is not None:
-        return cached[1], cached[2]
-    paths = {module: path for path, module in root.named_modules(remove_duplicate=True)}
-    _PATHS[root] = (len(paths), paths, [])
-    return paths, _PATHS[root][2]
+# Entering the probes is on the critical path (the GPU is idle before the forward's first kernel): the tree of a
+# root is walked once, then only compared with the module tree.
+_TREES: weakref.WeakKeyDictionary[nn.Module, ModuleTree] = weakref.WeakKeyDictionary()
 
 
-def output_labels(root: nn.Module, boundary_names: Mapping[str, str], root_label: str, check: bool = False) -> tuple[dict[nn.Module, str], dict]:
-    """``{submodule: path}`` and ``{submodule: (boundary, module name)}`` for the records of its outputs."""
-    paths, tables = module_paths(root, check)
-    for names, label, labels in tables:
+def module_tree(root: nn.Module, check: bool = False) -> ModuleTree:
+    """The cached ``ModuleTree`` of ``root``; with ``check``, compared with the module tree first (a walk of it) and
+    made again if a module was added or replaced."""
+    tree = _TREES.get(root)
+    if tree is not None and check and not tree.matches(list(root.modules())):
+        tree = None
+    if tree is None:
+        tree = _TREES[root] = ModuleTree(root)
+    return tree
+
+
+def output_labels(root: nn.Module, boundary_names: Mapping[str, str], root_label: str, check: bool = False) -> tuple[dict[nn.Module, str], dict[int, tuple[str, str]], ModuleTree]:
+    """``{submodule: path}``, ``{id(submodule): (boundary, module name)}`` for the records of its outputs, and the tree."""
+    tree = module_tree(root, check)
+    for names, label, labels in tree.tables:
         if names is boundary_names and label == root_label:
-            return paths, labels
-    labels = {module: (boundary_names.get(path, path or root_label), path or root_label) for module, path in paths.items()}
-    tables.append((boundary_names, root_label, labels))
-    return paths, labels
+            return tree.modules(), labels, tree
+    labels = {key: (boundary_names.get(path, path or root_label), path or root_label) for key, path in tree.paths.items()}
+    tree.tables.append((boundary_names, root_label, labels))
+    return tree.modules(), labels, tree
 
 
-# Per root module: (the path map, the input probes, {module: the probes on it}) of the last plan made; one per root, a
-# rebuilt path map or other probes replace it. The map itself is held, so that it is compared by identity.
+# Per root module: (its tree, the input probes, {id(module): the probes on it}) of the last plan made; one per root,
+# a rebuilt tree or other probes replace it.
 _PROBED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def probed_modules(root: nn.Module, paths: dict[nn.Module, str], input_probes: tuple[InputProbe, ...]) -> dict:
-    """``{module: (probe, ...)}`` for the declared input probes; KeyError naming a probe whose module is missing."""
+def probed_modules(root: nn.Module, tree: ModuleTree, input_probes: tuple[InputProbe, ...]) -> dict[int, tuple[InputProbe, ...]]:
+    """``{id(module): (probe, ...)}`` for the declared input probes; KeyError naming a probe whose module is missing."""
     cached = _PROBED.get(root)
-    if cached is not None and cached[0] is paths and cached[1] == input_probes:
+    if cached is not None and cached[0]() is tree and cached[1] == input_probes:
         return cached[2]
-    by_path = {path: module for module, path in paths.items()}
-    found: dict[nn.Module, list[InputProbe]] = {}
+    by_path = {path: key for key, path in tree.paths.items()}
+    found: dict[int, list[InputProbe]] = {}
     for probe in input_probes:
         if probe.module not in by_path:
             raise KeyError(f"input probe on {probe.module!r}: no such module in {type(root).__name__}")
         found.setdefault(by_path[probe.module], []).append(probe)
-    plan = {module: tuple(probes) for module, probes in found.items()}
-    _PROBED[root] = (paths, input_probes, plan)
+    plan = {key: tuple(probes) for key, probes in found.items()}
+    _PROBED[root] = (weakref.ref(tree), input_probes, plan)
     return plan
 
 

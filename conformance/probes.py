@@ -108,13 +108,13 @@ class Probes:
     _restore: list = field(default_factory=list, init=False)
     _inputs_recorded: bool = field(default=False, init=False)
     _module_paths: dict = field(default_factory=dict, init=False)
-    _labels: dict = field(default_factory=dict, init=False)  # module -> (boundary, module name) of its output
+    _labels: dict = field(default_factory=dict, init=False)  # id(module) -> (boundary, module name) of its output
     _own_hooks: set = field(default_factory=set, init=False)
     _host: HostStats = field(default_factory=HostStats, init=False)  # where the statistics land, read back once
     _watched_inputs: list = field(default_factory=list, init=False)  # (boundary, tensor, version) of inputs read now
     _deferred_bytes: int = field(default=0, init=False)
     _keeps: dict = field(default_factory=dict, init=False)  # _KEEPS_INPUTS of this root
-    _probes_at: dict = field(default_factory=dict, init=False)  # module -> its declared input probes
+    _probes_at: dict = field(default_factory=dict, init=False)  # id(module) -> its declared input probes
     _wrapped: list = field(default_factory=list, init=False)  # (module, its forward instance attribute or _MISSING)
     _bare_tuples: dict = field(default_factory=dict, init=False)  # keyword -> the last tuple found to hold no float
     # The root's inputs noted at the end of the forward (``_note_root_call``): this root was seen to leave them
@@ -209,7 +209,7 @@ class Probes:
         while frame is not None:
             owner = frame.f_locals.get("self")
             if isinstance(owner, nn.Module):
-                labels = self._labels.get(owner)
+                labels = self._labels.get(id(owner))
                 if labels is not None:
                     return labels[1]
             frame = frame.f_back
@@ -294,7 +294,7 @@ class Probes:
         self._pending[self._unflushed : self._unflushed] = entries
 
     def _record_declared_inputs(self, module, args):
-        for probe in self._probes_at[module]:
+        for probe in self._probes_at[id(module)]:
             if probe.index < len(args) and isinstance(args[probe.index], torch.Tensor):
                 # read now unless seen unchanged before: these are the block's own intermediate values (a residual
                 # stream), which its code may go on updating in place (ComfyUI's FLUX does `img += ...`)
@@ -314,11 +314,11 @@ class Probes:
         self._keeps = _KEEPS_INPUTS.setdefault(self.root, {})
         if self.scope == "io":
             self._module_paths = {self.root: ""}
-            self._labels = {self.root: (self.boundary_names.get("", self.root_label), self.root_label)}
+            self._labels = {id(self.root): (self.boundary_names.get("", self.root_label), self.root_label)}
             self._probes_at = {}
         else:
-            self._module_paths, self._labels = output_labels(self.root, self.boundary_names, self.root_label, check=True)
-            self._probes_at = probed_modules(self.root, self._module_paths, self.input_probes) if self.input_probes else {}
+            self._module_paths, self._labels, tree = output_labels(self.root, self.boundary_names, self.root_label, check=True)
+            self._probes_at = probed_modules(self.root, tree, self.input_probes) if self.input_probes else {}
         # A module with forward hooks of its own (one that edits its output) is recorded by a hook registered after
         # them, so that its recorded output is the one its caller receives; every other module through its forward.
         self._own_hooks = {module for module in self._module_paths if module._forward_hooks}
@@ -344,7 +344,7 @@ class Probes:
         recorded after it."""
         forward = module.forward  # the bound method, or an instance attribute someone set before us
         self._wrapped.append((module, module.__dict__.get("forward", _MISSING)))
-        probes, state = self._probes_at.get(module), self
+        probes, state = self._probes_at.get(id(module)), self
         root = module is self.root
         outputs = module not in self._own_hooks
         tensor_type = torch.Tensor  # a closure variable: no global and attribute lookups in the calls below
@@ -388,6 +388,7 @@ class Probes:
         for owner, attr, original in reversed(self._restore):
             setattr(owner, attr, original)
         self._restore.clear()
+        self._module_paths, self._own_hooks = {}, set()  # hold no module once uninstalled (records() needs only ids)
 
     def flush(self) -> None:
         """Queue the statistics read of everything recorded so far (one launch per device and dtype) without waiting
@@ -414,7 +415,7 @@ class Probes:
         labels = self._labels
         for entry in self._pending:
             source = entry.source
-            boundary, module = (source.boundary, source.module) if type(source) is _Named else labels[source]
+            boundary, module = (source.boundary, source.module) if type(source) is _Named else labels[id(source)]
             name, fmax = dtype_facts(entry.dtype)
             out.append(BoundaryRecord(len(out), boundary, module, entry.tensor_name, name, list(entry.shape), entry.changed_in_place, box, entry.at, fmax, entry.touched_at))  # fmt: skip
         self._start_forward()

@@ -320,3 +320,22 @@ def test_flush_queues_the_read_and_records_are_unchanged(monkeypatch):
         flushed = probes.records()
         assert read == launched
     assert [r.as_dict() for r in flushed] == [r.as_dict() for r in plain]
+
+
+def test_a_probed_module_is_freed_once_its_owner_drops_it():
+    """The probes' per-root caches hold no module: a probed model goes when its owner drops it (a cache that held it
+    kept every probed model's weights on the GPU for the life of the process)."""
+    import gc
+    import weakref
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with torch.no_grad(), Probes(module) as probes:
+        module(torch.ones(2, 4))
+    assert len(probes.records()) == 5  # the input, three modules, the root
+    with torch.no_grad(), Probes(module) as probes:  # the cached tree is used again
+        module(torch.ones(2, 4))
+    assert [r.module for r in probes.records()] == [INPUT, "0", "1", "2", ROOT]
+    gone = weakref.ref(module)
+    del module, probes
+    gc.collect()
+    assert gone() is None
