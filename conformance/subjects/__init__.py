@@ -14,7 +14,7 @@ def load_subject(name: str, *, comfyui_path: str | Path | None = None, device: t
     if name == "diffusers":
         from .diffusers import DiffusersSubject
 
-        return DiffusersSubject()
+        return DiffusersSubject(device)
     if name == "comfyui":
         if not comfyui_path:
             raise SubjectError("the comfyui subject needs a checkout: --comfyui PATH or COMFYUI_PATH")

@@ -8,6 +8,7 @@ run; the sampler's per-step callback closes each step, so a first bad value is p
 from __future__ import annotations
 
 import contextlib
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,18 @@ import torch
 from ..backends import CallCounter
 from ..boundaries import BoundaryRecord, first_nonfinite
 from ..probes import Probes
+
+
+def seeded_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Synthetic weights for every key of ``module``, each from its own generator (independent of key order):
+    N(0, 0.02), ones for norm scales (``families.common.synthetic_weights``'s scales), in the key's dtype."""
+    out = {}
+    for key, value in module.state_dict().items():
+        generator = torch.Generator().manual_seed(seed * 1000003 + zlib.crc32(key.encode()))
+        norm_scale = value.ndim == 1 and "norm" in key and key.endswith((".weight", ".scale"))
+        tensor = torch.ones(value.shape) if norm_scale else torch.randn(value.shape, generator=generator) * 0.02
+        out[key] = tensor.to(value.dtype)
+    return out
 
 
 @dataclass
@@ -71,7 +84,8 @@ class WholeModels(ABC):
         """Modules whose globals are snapshotted around a sequence (``workloads.state``)."""
 
     @abstractmethod
-    def loaded_models(self) -> int: ...
+    def loaded_models(self) -> int | None:
+        """How many models the subject's model manager holds (None: the subject has no model manager)."""
 
     @staticmethod
     def block_of(path: str) -> tuple[str | None, str]:

@@ -29,6 +29,7 @@ PATCHES_DIR = FIXTURES_DIR / "patches"
 BUILTIN = {
     "first_block_cache": f"{PATCHES_DIR / 'first_block_cache.py'}:patch",
     "token_merge": f"{PATCHES_DIR / 'token_merge.py'}:patch",
+    "diffusers_first_block_cache": f"{PATCHES_DIR / 'diffusers_first_block_cache.py'}:patch",
 }
 
 

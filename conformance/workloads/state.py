@@ -67,21 +67,43 @@ def torch_settings() -> dict[str, str]:
     return {k: repr(v) for k, v in settings.items()}
 
 
+def _watched(name: str):
+    """The module ``name``, imported if it is not yet, or the class a registry keeps its state in (``module.Class``,
+    its data attributes); None when neither exists."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+    parent, _, attr = name.rpartition(".")
+    owner = sys.modules.get(parent) if parent else None
+    if owner is None and parent:
+        try:
+            owner = importlib.import_module(parent)
+        except ImportError:
+            return None
+    value = getattr(owner, attr, None)
+    return value if isinstance(value, type) else None
+
+
 def snapshot(module_names: tuple[str, ...]) -> dict[str, str]:
-    """``{"module.global": fingerprint}`` for the watched modules that are imported, plus torch's settings."""
+    """``{"module.global": fingerprint}`` for the watched modules (or registry classes) that exist, plus torch's
+    settings."""
     out = torch_settings()
     for name in module_names:
-        module = sys.modules.get(name)
-        if module is None:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-        for attr, value in list(vars(module).items()):
+        watched = _watched(name)
+        if watched is None:
+            continue
+        is_class = isinstance(watched, type)
+        for attr, value in list(vars(watched).items()):
             if attr.startswith("__"):
                 continue
             if isinstance(value, type) and value.__module__ == name:
                 continue
+            if is_class and isinstance(value, (types.FunctionType, classmethod, staticmethod, property)):
+                continue  # a class's methods are its code, not its state
             fingerprint = _fingerprint(value)
             if fingerprint is not None:
                 out[f"{name}.{attr}"] = fingerprint

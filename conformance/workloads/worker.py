@@ -2,6 +2,7 @@
 a safetensors file (``workloads.sequences.run_worker``).
 
     python -m conformance.workloads.worker --comfyui PATH --device cpu --precision bf16 --backend sdpa --out F
+    python -m conformance.workloads.worker --subject diffusers --device cpu --precision bf16 --backend sdpa --out F
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.workloads.worker")
-    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--subject", choices=("comfyui", "diffusers"), default="comfyui")
+    parser.add_argument("--comfyui", help="the ComfyUI checkout (--subject comfyui)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", required=True)
     parser.add_argument("--backend", required=True)
@@ -23,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.subject == "comfyui" and not args.comfyui:
+        parser.error("--subject comfyui needs --comfyui PATH")
 
     import torch
     from safetensors.torch import save_file
 
-    from ..subjects.comfyui.loader import load
-    from .comfyui import ComfyWholeModels
     from .patches import load_patch
     from ..backends import CallCounter
     from .sequences import TARGET, RunSpec, _run_model, spec_modules
@@ -37,7 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    models = ComfyWholeModels(load(Path(args.comfyui), device), device)
+    if args.subject == "comfyui":
+        from ..subjects.comfyui.loader import load
+        from .comfyui import ComfyWholeModels
+
+        models = ComfyWholeModels(load(Path(args.comfyui), device), device)
+    else:
+        from ..subjects.diffusers import DiffusersSubject
+
+        models, _ = DiffusersSubject(device).whole_models()
     spec = RunSpec(args.precision, args.backend, load_patch(args.patch) if args.patch else None, args.steps, args.seed)
     state = snapshot(models.state_modules() + spec_modules(spec))
     latent, _, _, _ = _run_model(models, TARGET, spec, CallCounter(), observe=False)

@@ -39,7 +39,8 @@ class DiffusersSubject(Subject):
     name = "diffusers"
     reference_backend = "sdpa"
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")  # where the whole-model cases run (blocks are given theirs)
         self._diffusers, self._dispatch = _import_diffusers()
         self._info: SubjectInfo | None = None
         from .blocks import SPECS, DiffusersBlock
@@ -50,6 +51,16 @@ class DiffusersSubject(Subject):
         self._components.update({component: DiffusersVae(spec) for component, spec in VAE_SPECS.items()})
 
     # -- what it is ---------------------------------------------------------------------------------------------
+    def whole_models_reason(self) -> str | None:
+        return None
+
+    def whole_models(self):
+        if getattr(self, "_whole_models", None) is None:
+            from ...workloads.diffusers import DiffusersWholeModels
+
+            self._whole_models = DiffusersWholeModels(self, self.device)
+        return self._whole_models, ["--subject", "diffusers", "--device", str(self.device)]
+
     def info(self) -> SubjectInfo:
         if self._info is None:
             package = Path(self._diffusers.__file__).parent
@@ -124,11 +135,19 @@ class DiffusersSubject(Subject):
             with own as prepare:
                 yield prepare
             return
+        with self.pin_backend([module], backend, counter) as prepare:
+            yield prepare
+
+    @contextlib.contextmanager
+    def pin_backend(self, modules: list[nn.Module], backend: str, counter: CallCounter) -> Iterator:
+        """``use_backend`` for every attention processor of ``modules`` (a block, or whole transformers)."""
         registry = self._dispatch._AttentionBackendRegistry
         name = self._dispatch.AttentionBackendName(BACKEND_NAMES[backend])
         original_fn = registry._backends[name]
         original_checks = registry._checks_enabled
-        processors = [m.processor for m in module.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+        processors = [
+            m.processor for module in modules for m in module.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")
+        ]  # fmt: skip
         previous = [p._attention_backend for p in processors]
         registry._backends[name] = counter.wrap(f"diffusers:{name.value}", original_fn)
         registry._checks_enabled = True
