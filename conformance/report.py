@@ -114,6 +114,9 @@ def summary_markdown(run: dict, results: Sequence[CaseResult]) -> str:
             example = next(r.id for r in stale if index in r.expected_failure["index"])
             lines.append(f"- expected[{index}]: {n} case(s) passed, e.g. `{example}`")
         lines.append("")
+    from .workloads.report import sequences_markdown
+
+    lines += sequences_markdown(results)
     ran = [r for r in results if r.outcome != "skipped"]
     if ran:
         lines += ["## Cases", ""]

@@ -34,7 +34,7 @@ def run_suite(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
 
 @pytest.fixture(scope="module")
 def fp16_run(tmp_path_factory):
-    return run_suite(tmp_path_factory.mktemp("fp16"), "-m", "qwen_fp16")
+    return run_suite(tmp_path_factory.mktemp("fp16"), "-m", "qwen_fp16 and not sequence")  # sequences: tests/test_sequences*.py
 
 
 def test_marker_selects_only_qwen_fp16_cases(fp16_run):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backends import CallCounter
-from ..boundaries import BoundaryRecord, first_nonfinite
+from ..boundaries import BoundaryRecord, first_nonfinite, summarize
 from ..probes import Probes
 
 
@@ -135,3 +135,7 @@ class StepObserver:
 
     def boundaries(self) -> int:
         return sum(len(s.records) for s in self.steps)
+
+    def summary(self) -> dict:
+        """The block suite's case-level stats (``boundaries.summarize``) over every step."""
+        return summarize([r for s in self.steps for r in s.records])

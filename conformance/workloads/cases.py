@@ -144,7 +144,7 @@ class SequenceRunner:
             outcome,
             reason=reason,
             metrics=metrics,
-            stats={"sequence": describe(run), "state_vs_fresh": state_vs_fresh, "reference_seconds": round(reference_seconds, 3)},
+            stats={**run.summary, "sequence": describe(run), "state_vs_fresh": state_vs_fresh, "reference_seconds": round(reference_seconds, 3)},
             first_nonfinite=run.first_bad,
             backend_calls=run.calls.as_dict(),
             budget=budget,

@@ -87,6 +87,7 @@ class SequenceRun:
     state_at_target: dict[str, str] = field(default_factory=dict)  # the snapshot taken as the target started
     target_memory: list[MemoryPoint] = field(default_factory=list)
     repeats: list[list[MemoryPoint]] = field(default_factory=list)  # the REPEAT row: every run's points
+    summary: dict = field(default_factory=dict)  # boundaries.summarize over every step of the target
 
 
 def _run_model(models: WholeModels, family: str, spec: RunSpec, counter: CallCounter, observe: bool, device: torch.device | None = None):
@@ -145,7 +146,7 @@ def run_sequence(models: WholeModels, sequence: str, spec: RunSpec, worker: list
     latent, observer, seconds, memory = _run_model(models, TARGET, spec, counter, observe=True)
     run = SequenceRun(
         latent, observer.first_bad(), observer.worst_headroom(), observer.boundaries(), counter, changes, ran, models.loaded_models(),
-        seconds, at_target, memory,
+        seconds, at_target, memory, summary=observer.summary(),
     )  # fmt: skip
     if sequence == REPEAT:
         for _ in range(REPEATS - 1):
