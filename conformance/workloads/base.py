@@ -87,10 +87,14 @@ class WholeModels(ABC):
     def loaded_models(self) -> int | None:
         """How many models the subject's model manager holds (None: the subject has no model manager)."""
 
-    @staticmethod
-    def block_of(path: str) -> tuple[str | None, str]:
+    block_lists: tuple[str, ...] = ()  # attributes of the diffusion model that hold its blocks (``blocks.7``)
+
+    def block_of(self, path: str) -> tuple[str | None, str]:
         """``(block, module inside it)`` of a module path of the diffusion model; ``(None, path)`` outside blocks."""
-        return None, path
+        parts = path.split(".", 2)
+        if len(parts) < 2 or parts[0] not in self.block_lists or not parts[1].isdigit():
+            return None, path
+        return f"{parts[0]}.{parts[1]}", parts[2] if len(parts) == 3 else ""
 
 
 @dataclass

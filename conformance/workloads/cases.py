@@ -91,7 +91,7 @@ class SequenceRunner:
         run = run_sequence(self.models, case.sequence, spec, self.worker)
         bits = compare_bits(reference, run.latent)
         failures: list[Failure] = []
-        notes = [f"seed row {SEED_ROWS[case.sequence]}; {spec.steps} euler steps, cfg 2, ComfyUI {self.models.version} model management and sampler"]
+        notes = [f"seed row {SEED_ROWS[case.sequence]}; {spec.steps} euler steps, cfg 2, {self.models.subject} {self.models.version} model management and sampler"]
         notes += self.models.notes
         state_vs_fresh = differences(reference_state, run.state_at_target)
         if not bits["bit_equal"]:
@@ -163,7 +163,7 @@ class SequenceRunner:
         failures = []
         left = leftover(run.target_memory)
         if self.runs_done + len(run.ran) > 0 and left:
-            failures.append(Failure("memory_leftover", f"{TARGET}: {mib(left)} still allocated after ComfyUI unloaded it ({left} bytes)", metric="allocated", value=left))
+            failures.append(Failure("memory_leftover", f"{TARGET}: {mib(left)} still allocated after {self.models.subject} unloaded it ({left} bytes)", metric="allocated", value=left))
         if run.repeats:
             baseline = run.target_memory[-1].allocated
             after = [points[-1].allocated for points in run.repeats]

@@ -21,10 +21,8 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import re
 import sys
 import types
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,7 +31,7 @@ import torch
 from ..backends import CallCounter
 from ..subjects.comfyui import attention
 from ..subjects.comfyui.loader import ComfyUI
-from .base import Sampled, StepObserver, WholeModels
+from .base import Sampled, StepObserver, WholeModels, seeded_state_dict
 
 # Packages ComfyUI imports at module level for parts the whole-model cases never run.
 OPTIONAL_PACKAGES = ("transformers", "tokenizers", "sentencepiece", "torchvision", "torchsde", "scipy", "av", "kornia", "spandrel")
@@ -122,23 +120,10 @@ TINY = {
     ),  # fmt: skip
 }
 
-_BLOCK_PATH = re.compile(r"^(transformer_blocks|double_blocks|single_blocks|blocks)\.(\d+)(?:\.(.*))?$")
-
-
-def seeded_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Synthetic weights for every key of ``module``, each from its own generator (independent of key order)."""
-    out = {}
-    for key, value in module.state_dict().items():
-        generator = torch.Generator().manual_seed(seed * 1000003 + zlib.crc32(key.encode()))
-        norm_scale = value.ndim == 1 and "norm" in key and key.endswith((".weight", ".scale"))
-        tensor = torch.ones(value.shape) if norm_scale else torch.randn(value.shape, generator=generator) * 0.02
-        out[key] = tensor.to(value.dtype)
-    return out
-
-
 class ComfyWholeModels(WholeModels):
     subject = "comfyui"
     families = tuple(TINY)
+    block_lists = ("transformer_blocks", "double_blocks", "single_blocks", "blocks")
 
     def __init__(self, comfy: ComfyUI, device: torch.device) -> None:
         self.comfy = comfy
@@ -183,13 +168,6 @@ class ComfyWholeModels(WholeModels):
 
     def diffusion_model(self, handle) -> torch.nn.Module:
         return handle.model.diffusion_model
-
-    @staticmethod
-    def block_of(path: str) -> tuple[str | None, str]:
-        match = _BLOCK_PATH.match(path)
-        if not match:
-            return None, path
-        return f"{match.group(1)}.{match.group(2)}", match.group(3) or ""
 
     @contextlib.contextmanager
     def backend(self, family: str, backend: str, counter: CallCounter) -> Iterator[None]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import re
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,7 +77,15 @@ TINY = {
     ),  # fmt: skip
 }
 
-_BLOCK_PATH = re.compile(r"^(transformer_blocks|single_transformer_blocks|blocks)\.(\d+)(?:\.(.*))?$")
+
+def _cond_uncond(model, call: dict, cond: dict, uncond: dict, context: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conditional and unconditional predictions, two forwards under the cache contexts the pipelines name
+    (``"cond"``, ``"uncond"``), as every diffusers pipeline here calls its transformer."""
+    with model.cache_context("cond", **(context or {})):
+        noise_pred = model(**call, **cond)[0]
+    with model.cache_context("uncond", **(context or {})):
+        noise_uncond = model(**call, **uncond)[0]
+    return noise_pred, noise_uncond
 
 
 def calculate_shift(
@@ -106,6 +113,7 @@ def unpack(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class DiffusersWholeModels(WholeModels):
     subject = "diffusers"
     families = tuple(TINY)
+    block_lists = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
     def __init__(self, subject, device: torch.device) -> None:
         """``subject``: the ``DiffusersSubject`` whose attention-backend machinery the cases use."""
@@ -198,10 +206,7 @@ class DiffusersWholeModels(WholeModels):
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             call = dict(hidden_states=latents, timestep=timestep / 1000, guidance=None, encoder_hidden_states_mask=None, img_shapes=img_shapes,
                         attention_kwargs={}, return_dict=False)  # fmt: skip
-            with model.cache_context("cond"):
-                noise_pred = model(**call, **cond)[0]
-            with model.cache_context("uncond"):
-                neg_noise_pred = model(**call, **uncond)[0]
+            noise_pred, neg_noise_pred = _cond_uncond(model, call, cond, uncond)
             comb_pred = neg_noise_pred + CFG * (noise_pred - neg_noise_pred)
             cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
             noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
@@ -228,10 +233,7 @@ class DiffusersWholeModels(WholeModels):
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             call = dict(hidden_states=latents, timestep=timestep / 1000, guidance=guidance, txt_ids=txt_ids, img_ids=img_ids,
                         joint_attention_kwargs={}, return_dict=False)  # fmt: skip
-            with model.cache_context("cond"):
-                noise_pred = model(**call, **cond)[0]
-            with model.cache_context("uncond"):
-                neg_noise_pred = model(**call, **uncond)[0]
+            noise_pred, neg_noise_pred = _cond_uncond(model, call, cond, uncond)
             noise_pred = neg_noise_pred + CFG * (noise_pred - neg_noise_pred)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             done(i)
@@ -251,10 +253,7 @@ class DiffusersWholeModels(WholeModels):
             timestep = t.expand(latents.shape[0])
             context = {"step_index": i, "sigma": float(scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
             call = dict(hidden_states=latent_model_input, timestep=timestep, attention_kwargs=None, return_dict=False)
-            with model.cache_context("cond", **context):
-                noise_pred = model(**call, **cond)[0]
-            with model.cache_context("uncond", **context):
-                noise_uncond = model(**call, **uncond)[0]
+            noise_pred, noise_uncond = _cond_uncond(model, call, cond, uncond, context)
             noise_pred = noise_uncond + CFG * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             done(i)
@@ -262,13 +261,6 @@ class DiffusersWholeModels(WholeModels):
 
     def diffusion_model(self, handle) -> torch.nn.Module:
         return handle
-
-    @staticmethod
-    def block_of(path: str) -> tuple[str | None, str]:
-        match = _BLOCK_PATH.match(path)
-        if not match:
-            return None, path
-        return f"{match.group(1)}.{match.group(2)}", match.group(3) or ""
 
     @contextlib.contextmanager
     def backend(self, family: str, backend: str, counter: CallCounter) -> Iterator[None]:
