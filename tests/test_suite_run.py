@@ -71,7 +71,7 @@ def test_results_json_follows_its_contract(fp16_run):
     jsonschema.validate(document, SCHEMA)
     run = document["run"]
     assert run["subject"]["name"] == "diffusers" and run["subject"]["version"]
-    assert run["options"]["markexpr"] == "qwen_fp16"
+    assert run["options"]["markexpr"] == "qwen_fp16 and not sequence"
 
 
 def test_summary_and_junit_are_written(fp16_run):
