@@ -22,6 +22,7 @@ CHECKOUT = os.environ.get("COMFYUI_PATH")
 needs_comfyui = pytest.mark.skipif(not CHECKOUT, reason="no ComfyUI checkout: set COMFYUI_PATH to run the whole-model tests")
 HERE = Path(__file__).parent
 LEAKY = f"{HERE / 'patches' / 'leaky_first_block_cache.py'}:patch"
+NONDETERMINISTIC = f"{HERE / 'patches' / 'nondeterministic_output.py'}:patch"
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,7 @@ def runner():
 
     subject = load_subject("comfyui", comfyui_path=CHECKOUT, device=torch.device("cpu"))
     models, worker = subject.whole_models()
-    return SequenceRunner(models, worker, {**BUILTIN, "leaky_first_block_cache": LEAKY})
+    return SequenceRunner(models, worker, {**BUILTIN, "leaky_first_block_cache": LEAKY, "nondeterministic_output": NONDETERMINISTIC})
 
 
 def _case(precision: str, sequence: str, patch: str = "none") -> Case:
@@ -90,6 +91,17 @@ def test_a_cache_keyed_on_shape_is_a_state_leak_and_is_named(runner):
     assert kinds["state_leak"]["at"] == f"{leaky.module_name}._CACHE"
     assert result.metrics["differing"] > 0 and result.metrics["rel_l2"] > 0
     assert "_CACHE: dict of 0 -> dict of 1" in result.reason
+
+
+@needs_comfyui
+def test_a_difference_from_an_op_without_a_deterministic_kernel_is_called_nondeterministic(runner):
+    result = runner.run(_case("fp32", "isolated", "nondeterministic_output"))
+    assert result.outcome == "failed", result.reason
+    kinds = {f["kind"]: f for f in result.failure_kinds}
+    assert set(kinds) == {"nondeterministic"}, result.failure_kinds
+    assert kinds["nondeterministic"]["at"] == "put_" and "no deterministic kernel for put_" in result.reason
+    assert result.stats["sequence"]["nondeterministic_ops"] == ["put_"]
+    assert not torch.are_deterministic_algorithms_enabled()  # the mode is the run's, not left behind
 
 
 @needs_comfyui

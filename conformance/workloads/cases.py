@@ -9,7 +9,10 @@ without a patch. Its verdict:
 * **non-finite** (failed) when a value went bad at any step: the first step, block, module and tensor;
 * **patch budget** (failed) for a patched ``isolated`` case whose latent sits farther from the unpatched run's than
   the patch's declared ``BUDGET_REL_L2``;
-* **kernel not run** (failed) when the backend's function was never called.
+* **kernel not run** (failed) when the backend's function was never called;
+* **nondeterministic** (failed) instead of state leak when the latents differ and torch reported ops it has no
+  deterministic kernel for (``workloads.determinism``), in this run or the fresh worker's: the bits cannot tell a leak
+  from those ops' noise, and the reason names the ops.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class SequenceRunner:
         self.worker = worker
         self.patch_specs = patch_specs  # case patch name -> module:callable
         self._patches: dict[str, Patch] = {}
-        self._references: dict[RunSpec, tuple[torch.Tensor, dict[str, str], float]] = {}
+        self._references: dict[RunSpec, tuple[torch.Tensor, dict[str, str], list[str], float]] = {}
         self.device = getattr(models, "device", torch.device("cpu"))
         self.runs_done = 0  # whole-model runs of this process: the first may leave workspaces behind (lifecycle)
 
@@ -61,11 +64,12 @@ class SequenceRunner:
             self._patches[name] = load_patch(self.patch_specs.get(name, name))
         return self._patches[name]
 
-    def reference(self, spec: RunSpec) -> tuple[torch.Tensor, dict[str, str], float]:
+    def reference(self, spec: RunSpec) -> tuple[torch.Tensor, dict[str, str], list[str], float]:
+        """The target sampled in a fresh worker: latent, process state, nondeterministic ops, seconds."""
         if spec not in self._references:
             start = time.perf_counter()
-            latent, state = run_worker(self.worker, spec)
-            self._references[spec] = (latent, state, time.perf_counter() - start)
+            latent, state, alerts = run_worker(self.worker, spec)
+            self._references[spec] = (latent, state, alerts, time.perf_counter() - start)
         return self._references[spec]
 
     def unsupported(self, case: Case) -> str | None:
@@ -87,14 +91,23 @@ class SequenceRunner:
             label = "lifecycle" if case.sequence == REPEAT else f"patch {case.patch}"
             return CaseResult(case, "skipped", reason=f"{label}: {reason}", seconds=time.perf_counter() - start)
         spec = RunSpec(case.precision, case.backend, self.patch(case.patch))
-        reference, reference_state, reference_seconds = self.reference(spec)
+        reference, reference_state, reference_alerts, reference_seconds = self.reference(spec)
         run = run_sequence(self.models, case.sequence, spec, self.worker)
         bits = compare_bits(reference, run.latent)
         failures: list[Failure] = []
         notes = [f"seed row {SEED_ROWS[case.sequence]}; {spec.steps} euler steps, cfg 2, {self.models.subject} {self.models.version} model management and sampler"]
         notes += self.models.notes
         state_vs_fresh = differences(reference_state, run.state_at_target)
-        if not bits["bit_equal"]:
+        nondeterministic = list(dict.fromkeys(run.nondeterministic + reference_alerts))
+        if not bits["bit_equal"] and nondeterministic:
+            failures.append(Failure(
+                "nondeterministic",
+                f"{TARGET} after {case.sequence} differs from {TARGET} in a fresh worker process ({bits['differing']} values, "
+                f"max |diff| {bits['max_abs_diff']:.3g}, rel-L2 {bits['rel_l2']:.3g}) and torch has no deterministic kernel for "
+                f"{', '.join(nondeterministic)}, which ran: the bits cannot tell a state leak from that op's noise",
+                at=nondeterministic[0], metric="rel_l2", value=bits["rel_l2"],
+            ))  # fmt: skip
+        elif not bits["bit_equal"]:
             where = "; ".join(state_vs_fresh[:6]) or "no watched global differs (the leak is elsewhere: cached tensors inside objects, C-level state)"
             failures.append(Failure(
                 "state_leak",
@@ -105,6 +118,8 @@ class SequenceRunner:
             ))  # fmt: skip
         elif state_vs_fresh:
             notes.append("process state differs from a fresh worker's, outputs equal: " + "; ".join(state_vs_fresh[:6]))
+        if bits["bit_equal"] and nondeterministic:
+            notes.append(f"outputs equal, although torch has no deterministic kernel for {', '.join(nondeterministic)}")
         if run.first_bad is not None:
             bad = run.first_bad
             failures.append(Failure(
@@ -125,7 +140,7 @@ class SequenceRunner:
         metrics = {"rel_l2": bits["rel_l2"], "max_abs": bits["max_abs_diff"], "differing": bits["differing"]}
         budget = None
         if spec.patch is not None and case.sequence == "isolated":
-            plain, _, _ = self.reference(RunSpec(case.precision, case.backend))
+            plain, *_ = self.reference(RunSpec(case.precision, case.backend))
             against_plain = compare_bits(plain, run.latent)
             metrics["rel_l2_vs_unpatched"] = against_plain["rel_l2"]
             if spec.patch.budget_rel_l2 is not None:

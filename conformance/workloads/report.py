@@ -24,6 +24,8 @@ def _cell(result: CaseResult | None) -> str:
     if "nonfinite" in kinds:
         bad = result.first_nonfinite or {}
         return f"**non-finite** (step {bad.get('step')}, {bad.get('block') or bad.get('module')})"
+    if "nondeterministic" in kinds:
+        return f"**nondeterministic** rel-L2 {result.metrics.get('rel_l2', float('nan')):.2g}"
     if "state_leak" in kinds:
         return f"**leak** rel-L2 {result.metrics.get('rel_l2', float('nan')):.2g}"
     if kinds:

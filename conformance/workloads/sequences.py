@@ -27,6 +27,7 @@ import torch
 
 from ..backends import CallCounter
 from .base import StepObserver, WholeModels
+from .determinism import deterministic
 from .lifecycle import REPEATS, MemoryPoint, measure
 from .patches import Patch
 from .state import differences, snapshot
@@ -88,11 +89,16 @@ class SequenceRun:
     target_memory: list[MemoryPoint] = field(default_factory=list)
     repeats: list[list[MemoryPoint]] = field(default_factory=list)  # the REPEAT row: every run's points
     summary: dict = field(default_factory=dict)  # boundaries.summarize over every step of the target
+    nondeterministic: list[str] = field(default_factory=list)  # ops torch had no deterministic kernel for (target run)
 
 
-def _run_model(models: WholeModels, family: str, spec: RunSpec, counter: CallCounter, observe: bool, device: torch.device | None = None):
+def _run_model(
+    models: WholeModels, family: str, spec: RunSpec, counter: CallCounter, observe: bool, device: torch.device | None = None,
+    alerts: list[str] | None = None,
+):
     """Build, load, sample, release and unload one model, as a workflow does; its latent (on the CPU), the observer,
-    the sampling seconds and the memory at the lifecycle's four points (``workloads.lifecycle``)."""
+    the sampling seconds and the memory at the lifecycle's four points (``workloads.lifecycle``). Sampling runs on
+    torch's deterministic kernels; ops that have none are appended to ``alerts`` (``workloads.determinism``)."""
     device = device or getattr(models, "device", torch.device("cpu"))
     memory = [measure(device, "before build")]
     handle = models.build(family, DTYPES[spec.precision], spec.seed)
@@ -102,7 +108,7 @@ def _run_model(models: WholeModels, family: str, spec: RunSpec, counter: CallCou
     memory.append(measure(device, "after load"))
     observer = StepObserver(models, models.diffusion_model(handle)) if observe else None
     start = time.perf_counter()
-    with torch.no_grad(), models.backend(family, spec.backend, counter):
+    with torch.no_grad(), models.backend(family, spec.backend, counter), deterministic(alerts if alerts is not None else []):
         if observer is not None:
             with observer.watching():
                 sampled = models.sample(handle, family, spec.steps, spec.seed, observer)
@@ -140,13 +146,16 @@ def run_sequence(models: WholeModels, sequence: str, spec: RunSpec, worker: list
         if worker is None:
             raise ValueError("fresh-process needs the worker command")
         start = time.perf_counter()
-        latent, worker_state = run_worker(worker, spec)
-        return SequenceRun(latent, None, None, 0, CallCounter(), changes, ran, None, time.perf_counter() - start, worker_state)
+        latent, worker_state, alerts = run_worker(worker, spec)
+        return SequenceRun(
+            latent, None, None, 0, CallCounter(), changes, ran, None, time.perf_counter() - start, worker_state, nondeterministic=alerts,
+        )  # fmt: skip
     counter = CallCounter()
-    latent, observer, seconds, memory = _run_model(models, TARGET, spec, counter, observe=True)
+    alerts: list[str] = []
+    latent, observer, seconds, memory = _run_model(models, TARGET, spec, counter, observe=True, alerts=alerts)
     run = SequenceRun(
         latent, observer.first_bad(), observer.worst_headroom(), observer.boundaries(), counter, changes, ran, models.loaded_models(),
-        seconds, at_target, memory, summary=observer.summary(),
+        seconds, at_target, memory, summary=observer.summary(), nondeterministic=alerts,
     )  # fmt: skip
     if sequence == REPEAT:
         for _ in range(REPEATS - 1):
@@ -161,9 +170,9 @@ def spec_modules(spec: RunSpec) -> tuple[str, ...]:
     return (spec.patch.module_name,) if spec.patch else ()
 
 
-def run_worker(command: list[str], spec: RunSpec) -> tuple[torch.Tensor, dict[str, str]]:
-    """The target sampled in a new process (``workloads.worker``), same spec: its latent, and the process state the
-    worker had as the target started."""
+def run_worker(command: list[str], spec: RunSpec) -> tuple[torch.Tensor, dict[str, str], list[str]]:
+    """The target sampled in a new process (``workloads.worker``), same spec: its latent, the process state the
+    worker had as the target started, and the ops torch had no deterministic kernel for."""
     from safetensors import safe_open
 
     with tempfile.TemporaryDirectory(prefix="conformance-worker-") as tmp:
@@ -176,7 +185,8 @@ def run_worker(command: list[str], spec: RunSpec) -> tuple[torch.Tensor, dict[st
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"the worker process failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
         with safe_open(str(out), "pt") as f:
-            return f.get_tensor("latent"), json.loads(f.metadata()["state"])
+            metadata = f.metadata()
+            return f.get_tensor("latent"), json.loads(metadata["state"]), json.loads(metadata["nondeterministic"])
 
 
 def compare_bits(reference: torch.Tensor, latent: torch.Tensor) -> dict:
@@ -205,5 +215,6 @@ def describe(run: SequenceRun) -> dict:
         "target_seconds": round(run.target_seconds, 4),
         "boundaries": run.boundaries,
         "headroom": run.headroom,
+        "nondeterministic_ops": run.nondeterministic,
     }
 

@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         models, _ = DiffusersSubject(device).whole_models()
     spec = RunSpec(args.precision, args.backend, load_patch(args.patch) if args.patch else None, args.steps, args.seed)
     state = snapshot(models.state_modules() + spec_modules(spec))
-    latent, _, _, _ = _run_model(models, TARGET, spec, CallCounter(), observe=False)
-    save_file({"latent": latent.contiguous()}, args.out, metadata={"state": json.dumps(state)})
+    alerts: list[str] = []
+    latent, _, _, _ = _run_model(models, TARGET, spec, CallCounter(), observe=False, alerts=alerts)
+    save_file({"latent": latent.contiguous()}, args.out, metadata={"state": json.dumps(state), "nondeterministic": json.dumps(alerts)})
     return 0
 
 
