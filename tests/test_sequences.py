@@ -148,3 +148,33 @@ def test_the_first_bad_value_is_placed_by_step_block_and_module(runner):
     bad = observer.first_bad()
     assert bad is not None and not torch.isfinite(latent).all()
     assert (bad["step"], bad["block"], bad["in_block"]) == (3, "transformer_blocks.1", "attn.to_out.0")
+
+
+@needs_comfyui
+def test_the_gate_names_a_patch_that_started_leaking(tmp_path):
+    """Two real runs of the same case: the example first-block cache, then a user's ``first_block_cache.py`` (same
+    name, so the same case id) that keys its cache on shape. The gate calls the case regressed, with the leak."""
+    import shutil
+    import subprocess
+
+    from conformance.gate import EXIT_REGRESSED, compare_runs
+    from conformance.paths import REPO_ROOT
+
+    user_patch = tmp_path / "custom_node" / "first_block_cache.py"
+    user_patch.parent.mkdir()
+    shutil.copy(HERE / "patches" / "leaky_first_block_cache.py", user_patch)
+    selection = ["-m", "sequence and bf16 and patch", "-k", "flux and first_block_cache and not wan and not diffusers"]
+    sides = {}
+    for side, extra in (("baseline", []), ("candidate", ["--conformance-patch", f"{user_patch}:patch"])):
+        sides[side] = tmp_path / side
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "suites/test_sequences.py", "-q", "-p", "no:cacheprovider", f"--comfyui={CHECKOUT}",
+             "--report-dir", str(sides[side]), *selection, *extra],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == (0 if side == "baseline" else 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = compare_runs(sides["baseline"], sides["candidate"])
+    (verdict,) = result.cases
+    assert result.exit_code == EXIT_REGRESSED and verdict.verdict == "regressed"
+    assert verdict.case_id.endswith("seq=flux>qwen-patch=first_block_cache")
+    assert any("newly failed" in why and "first_block_cache._CACHE" in why for why in verdict.why), verdict.why

@@ -190,3 +190,75 @@ def test_summary_renders_as_one_table_with_failures_first():
     assert "changed expectation" in text.split("## Cases")[0]
     skipped = tables[1]
     assert skipped[1] == ["1", "sage: needs a CUDA device | not here"]  # the escaped "|" stays inside the cell
+
+
+# --- whole-model sequences: their results.json, summary table and gate verdicts -------------------------------------
+
+SEQUENCE_SELECTION = ("-m", "sequence and bf16 and not patch and not lifecycle", "-k", "isolated or clear")
+
+
+@pytest.fixture(scope="module")
+def sequence_run(tmp_path_factory):
+    return run_suite(tmp_path_factory.mktemp("sequences"), *SEQUENCE_SELECTION)
+
+
+def test_sequence_cases_follow_the_results_contract(sequence_run):
+    jsonschema = pytest.importorskip("jsonschema", reason="the contract test needs jsonschema (pip install -e '.[test]')")
+    proc, report_dir = sequence_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads((report_dir / "results.json").read_text())
+    jsonschema.validate(document, SCHEMA)
+    cases = {c["sequence"]: c for c in document["cases"]}
+    assert set(cases) == {"isolated", "wan>flux>clear>qwen"}
+    for case in cases.values():
+        assert case["outcome"] == "passed" and case["reason"].startswith("bit for bit equal"), case["reason"]
+        assert case["patch"] == "none" and case["metrics"]["differing"] == 0
+        sequence = case["stats"]["sequence"]
+        assert [p["label"] for p in sequence["target_memory"]] == ["before build", "after load", "after run", "after unload"]
+        assert sequence["nondeterministic_ops"] == [] and sequence["boundaries"] > 0
+    assert [r["family"] for r in cases["wan>flux>clear>qwen"]["stats"]["sequence"]["ran_before"]] == ["wan", "flux"]
+
+
+def test_the_sequences_table_sits_beside_the_isolated_run(sequence_run):
+    from markdown_it import MarkdownIt
+
+    _, report_dir = sequence_run
+    text = (report_dir / "summary.md").read_text()
+    tokens = MarkdownIt("commonmark").enable("table").parse(text[text.index("## Sequences"):])
+    rows, row = [], None
+    for token in tokens:
+        if token.type == "tr_open":
+            row = []
+        elif token.type == "inline" and row is not None:
+            row.append(token.content)
+        elif token.type == "tr_close":
+            rows.append(row)
+            row = None
+        elif token.type == "table_close":
+            break
+    header, (cells,) = rows[0], rows[1:]
+    assert header[:4] == ["subject", "precision", "backend", "patch"] and header[4] == "isolated (A1-A3)" and len(header) == 11
+    assert cells[:4] == ["diffusers", "bf16", "sdpa", "none"]
+    assert cells[header.index("isolated (A1-A3)")] == cells[header.index("wan>flux>clear>qwen (D1)")] == "equal"
+
+
+def test_the_gate_compares_sequences_like_any_case(sequence_run, tmp_path):
+    """The same run twice is unchanged; a sequence that newly leaks state regresses, with the leak's message."""
+    from conformance.gate import EXIT_OK, EXIT_REGRESSED, compare_runs
+
+    from .reportdirs import copy_report, load, save
+
+    _, report_dir = sequence_run
+    same = compare_runs(report_dir, report_dir)
+    assert same.exit_code == EXIT_OK and same.counts == {"unchanged": 2}
+    candidate = copy_report(report_dir, tmp_path / "candidate")
+    document = load(candidate)
+    (case,) = [c for c in document["cases"] if c["sequence"] == "wan>flux>clear>qwen"]
+    leak = "qwen after wan>flux>clear>qwen differs from qwen in a fresh worker process: 12 values"
+    case.update(outcome="failed", reason=leak, failures=[leak], metrics={**case["metrics"], "rel_l2": 1e-3, "differing": 12},
+                failure_kinds=[{"kind": "state_leak", "message": leak, "at": "custom_node._CACHE", "metric": "rel_l2", "value": 1e-3}])  # fmt: skip
+    save(candidate, document)
+    result = compare_runs(report_dir, candidate)
+    verdicts = {v.case_id: v for v in result.cases}
+    assert result.exit_code == EXIT_REGRESSED and result.counts == {"regressed": 1, "unchanged": 1}
+    assert any(leak in why for why in verdicts[case["id"]].why), verdicts[case["id"]].why

@@ -2,10 +2,10 @@
 ``BUDGET_REL_L2`` (fixtures/patches/) is set from.
 
 For every precision and seed, the tiny Qwen model is sampled once unpatched and once with each patch, in one process
-per ComfyUI checkout, and the rel-L2 of the two latents is recorded with the patch's work (steps a first-block cache
-skipped):
+per subject (each ComfyUI checkout, and diffusers with ``--diffusers``), and the rel-L2 of the two latents is recorded
+with the patch's work (attention calls: fewer where a first-block cache skipped blocks):
 
-    python tools/patch_error.py --comfyui PATH [--comfyui PATH2 ...] --out docs/noise/patch-error.json
+    python tools/patch_error.py --comfyui PATH [--comfyui PATH2 ...] [--diffusers] --out docs/noise/patch-error.json
 
 A budget is 2x the worst rel-L2 measured over every checkout, precision and seed the patch supports.
 """
@@ -24,17 +24,24 @@ sys.path.insert(0, str(REPO))
 SEEDS = (0, 1, 2)
 
 
-def measure(comfyui: str) -> dict:
+def measure(subject: str) -> dict:
+    """``subject``: a ComfyUI checkout's path, or ``diffusers``."""
     import torch
 
     from conformance.backends import CallCounter
-    from conformance.subjects.comfyui.loader import load
-    from conformance.workloads.comfyui import ComfyWholeModels
     from conformance.workloads.patches import BUILTIN, load_patch
     from conformance.workloads.sequences import DTYPES, TARGET, RunSpec, _run_model, compare_bits
 
     torch.set_num_threads(1)
-    models = ComfyWholeModels(load(Path(comfyui), torch.device("cpu")), torch.device("cpu"))
+    if subject == "diffusers":
+        from conformance.subjects.diffusers import DiffusersSubject
+
+        models, _ = DiffusersSubject(torch.device("cpu")).whole_models()
+    else:
+        from conformance.subjects.comfyui.loader import load
+        from conformance.workloads.comfyui import ComfyWholeModels
+
+        models = ComfyWholeModels(load(Path(subject), torch.device("cpu")), torch.device("cpu"))
     rows = []
     for name in BUILTIN:
         patch = load_patch(name)
@@ -50,12 +57,13 @@ def measure(comfyui: str) -> dict:
                 bits = compare_bits(plain, patched)
                 rows.append({"patch": name, "precision": precision, "seed": seed, "rel_l2": bits["rel_l2"], "max_abs_diff": bits["max_abs_diff"],
                              "attention_calls": calls.as_dict(), "finite": bool(torch.isfinite(patched).all())})  # fmt: skip
-    return {"comfyui": models.version, "rows": rows}
+    return {"subject": models.subject, "version": models.version, "rows": rows}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfyui", action="append", required=True)
+    parser.add_argument("--comfyui", action="append", default=[], help="a ComfyUI checkout (repeatable)")
+    parser.add_argument("--diffusers", action="store_true", help="measure the patches on diffusers' models too")
     parser.add_argument("--out", required=True)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -63,8 +71,11 @@ def main() -> int:
         print(json.dumps(measure(args.one)))
         return 0
     runs = []
-    for path in args.comfyui:  # one process per checkout: `comfy` is one top-level module per process
-        proc = subprocess.run([sys.executable, __file__, "--comfyui", path, "--out", "-", "--one", path], capture_output=True, text=True, check=True)
+    subjects = args.comfyui + (["diffusers"] if args.diffusers else [])
+    if not subjects:
+        parser.error("name at least one subject: --comfyui PATH or --diffusers")
+    for subject in subjects:  # one process per subject: `comfy` is one top-level module per process
+        proc = subprocess.run([sys.executable, __file__, "--out", "-", "--one", subject], capture_output=True, text=True, check=True)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     worst: dict[str, float] = {}
     for run in runs:
