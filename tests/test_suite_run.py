@@ -146,6 +146,25 @@ def test_verdicts_do_not_depend_on_the_cpu_path(tmp_path):
     assert not differ, differ
 
 
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every table of ``text`` as a CommonMark + GFM-tables parser (markdown-it-py) reads it: rows of cell texts,
+    the header row first."""
+    from markdown_it import MarkdownIt
+
+    tables, row = [], None
+    for token in MarkdownIt("commonmark").enable("table").parse(text):
+        if token.type == "table_open":
+            tables.append([])
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "inline" and row is not None:  # inside a row, only th/td hold inline text
+            row.append(token.content)
+        elif token.type == "tr_close":
+            tables[-1].append(row)
+            row = None
+    return tables
+
+
 def test_summary_renders_as_one_table_with_failures_first():
     """summary.md through a CommonMark + GFM-tables parser (markdown-it-py, what GitHub-like renderers do): one table
     whose every row has the header's cells, "|" in a reason or a header kept inside its cell, failures and a changed
@@ -170,20 +189,7 @@ def test_summary_renders_as_one_table_with_failures_first():
     tokens = MarkdownIt("commonmark").enable("table").parse(text)
     headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
     assert headings.index("Failed (1)") < headings.index("Cases") < headings.index("Expected failures (1)"), headings
-    tables, cells, row = [], [], None
-    for token in tokens:
-        if token.type == "table_open":
-            tables.append([])
-        elif token.type == "tr_open":
-            row = []
-        elif token.type in ("th_open", "td_open"):
-            cells.append(token.type)
-        elif token.type == "inline" and row is not None and cells:
-            row.append(token.content)
-            cells.pop()
-        elif token.type == "tr_close":
-            tables[-1].append(row)
-            row = None
+    tables = _markdown_tables(text)
     cases = tables[0]
     assert cases[0] == list(COLUMNS) and len(cases) == 1 + 3  # the header, then every case that ran
     assert all(len(r) == len(COLUMNS) for r in cases)
@@ -220,22 +226,9 @@ def test_sequence_cases_follow_the_results_contract(sequence_run):
 
 
 def test_the_sequences_table_sits_beside_the_isolated_run(sequence_run):
-    from markdown_it import MarkdownIt
-
     _, report_dir = sequence_run
     text = (report_dir / "summary.md").read_text()
-    tokens = MarkdownIt("commonmark").enable("table").parse(text[text.index("## Sequences"):])
-    rows, row = [], None
-    for token in tokens:
-        if token.type == "tr_open":
-            row = []
-        elif token.type == "inline" and row is not None:
-            row.append(token.content)
-        elif token.type == "tr_close":
-            rows.append(row)
-            row = None
-        elif token.type == "table_close":
-            break
+    rows = _markdown_tables(text[text.index("## Sequences"):])[0]
     header, (cells,) = rows[0], rows[1:]
     assert header[:4] == ["subject", "precision", "backend", "patch"] and header[4] == "isolated (A1-A3)" and len(header) == 11
     assert cells[:4] == ["diffusers", "bf16", "sdpa", "none"]

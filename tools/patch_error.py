@@ -29,19 +29,16 @@ def measure(subject: str) -> dict:
     import torch
 
     from conformance.backends import CallCounter
+    from conformance.subjects import load_subject
     from conformance.workloads.patches import BUILTIN, load_patch
     from conformance.workloads.sequences import DTYPES, TARGET, RunSpec, _run_model, compare_bits
 
     torch.set_num_threads(1)
     if subject == "diffusers":
-        from conformance.subjects.diffusers import DiffusersSubject
-
-        models, _ = DiffusersSubject(torch.device("cpu")).whole_models()
+        implementation = load_subject("diffusers", device=torch.device("cpu"))
     else:
-        from conformance.subjects.comfyui.loader import load
-        from conformance.workloads.comfyui import ComfyWholeModels
-
-        models = ComfyWholeModels(load(Path(subject), torch.device("cpu")), torch.device("cpu"))
+        implementation = load_subject("comfyui", comfyui_path=subject, device=torch.device("cpu"))
+    models, _ = implementation.whole_models()
     rows = []
     for name in BUILTIN:
         patch = load_patch(name)

@@ -99,27 +99,29 @@ class SequenceRunner:
         notes += self.models.notes
         state_vs_fresh = differences(reference_state, run.state_at_target)
         nondeterministic = list(dict.fromkeys(run.nondeterministic + reference_alerts))
-        if not bits["bit_equal"] and nondeterministic:
-            failures.append(Failure(
-                "nondeterministic",
-                f"{TARGET} after {case.sequence} differs from {TARGET} in a fresh worker process ({bits['differing']} values, "
-                f"max |diff| {bits['max_abs_diff']:.3g}, rel-L2 {bits['rel_l2']:.3g}) and torch has no deterministic kernel for "
-                f"{', '.join(nondeterministic)}, which ran: the bits cannot tell a state leak from that op's noise",
-                at=nondeterministic[0], metric="rel_l2", value=bits["rel_l2"],
-            ))  # fmt: skip
-        elif not bits["bit_equal"]:
-            where = "; ".join(state_vs_fresh[:6]) or "no watched global differs (the leak is elsewhere: cached tensors inside objects, C-level state)"
-            failures.append(Failure(
-                "state_leak",
+        if not bits["bit_equal"]:
+            differs = (
                 f"{TARGET} after {case.sequence} differs from {TARGET} in a fresh worker process: {bits['differing']} values, "
-                f"max |diff| {bits['max_abs_diff']:.3g}, rel-L2 {bits['rel_l2']:.3g}; this process differs from the fresh one "
-                f"as {TARGET} starts in: {where}",
-                at=state_vs_fresh[0].split(":")[0] if state_vs_fresh else None, metric="rel_l2", value=bits["rel_l2"],
-            ))  # fmt: skip
-        elif state_vs_fresh:
-            notes.append("process state differs from a fresh worker's, outputs equal: " + "; ".join(state_vs_fresh[:6]))
-        if bits["bit_equal"] and nondeterministic:
-            notes.append(f"outputs equal, although torch has no deterministic kernel for {', '.join(nondeterministic)}")
+                f"max |diff| {bits['max_abs_diff']:.3g}, rel-L2 {bits['rel_l2']:.3g}"
+            )
+            if nondeterministic:
+                failures.append(Failure(
+                    "nondeterministic",
+                    f"{differs}; torch has no deterministic kernel for {', '.join(nondeterministic)}, which ran: the bits cannot "
+                    "tell a state leak from that op's noise",
+                    at=nondeterministic[0], metric="rel_l2", value=bits["rel_l2"],
+                ))  # fmt: skip
+            else:
+                where = "; ".join(state_vs_fresh[:6]) or "no watched global differs (the leak is elsewhere: cached tensors inside objects, C-level state)"
+                failures.append(Failure(
+                    "state_leak", f"{differs}; this process differs from the fresh one as {TARGET} starts in: {where}",
+                    at=state_vs_fresh[0].split(":")[0] if state_vs_fresh else None, metric="rel_l2", value=bits["rel_l2"],
+                ))  # fmt: skip
+        else:
+            if state_vs_fresh:
+                notes.append("process state differs from a fresh worker's, outputs equal: " + "; ".join(state_vs_fresh[:6]))
+            if nondeterministic:
+                notes.append(f"outputs equal, although torch has no deterministic kernel for {', '.join(nondeterministic)}")
         if run.first_bad is not None:
             bad = run.first_bad
             failures.append(Failure(
