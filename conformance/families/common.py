@@ -41,6 +41,29 @@ class LayerInit:
 
 
 @dataclass(frozen=True)
+class FileModel:
+    """What a checkpoint of a family holds, read from its keys and shapes alone: the published variant, and the suite's
+    components it has blocks of, with their dims and the block list each is found under."""
+
+    variant: str
+    dims: Mapping[str, object]  # component -> the family's dims dataclass
+    block_lists: Mapping[str, str]  # component -> block list name ("transformer_blocks")
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """How a family's checkpoints are recognised and read (``conformance.checkpoints``). Keys here carry no model
+    prefix (``model.diffusion_model.`` is stripped first)."""
+
+    markers: tuple[str, ...]  # every one present: a checkpoint of this family in the canonical (original) layout
+    describe: Callable[[Mapping[str, tuple[int, ...]]], FileModel]  # keys -> shapes of the file => what it holds
+    after_blocks: tuple[str, ...]  # key prefixes after the blocks (final norm, head): not needed by block cases
+    # a key of another layout of the family -> what that layout is (the file is refused with it)
+    other_layouts: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family as the harness sees it apart from any subject, declared once as its module's ``FAMILY`` and
     registered in ``conformance.families.FAMILIES`` (docs/extending.md). The module keeps the rest: its dims, weight
@@ -56,6 +79,7 @@ class Family:
     fp8_compute_dtype: torch.dtype | None = None  # what fp8 paths compute in, where not the precision's own
     profile_file: str | None = None  # <profiles_dir>/<profile_file>.toml; None: the family's name
     profiles_dir: Path | None = None  # None: the suite's fixtures/profiles
+    checkpoint: CheckpointLayout | None = None  # how its checkpoint files are read; None: the suite reads none
 
     @property
     def profiles(self) -> str:

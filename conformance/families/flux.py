@@ -15,7 +15,7 @@ import torch
 from ..boundaries import InputProbe
 from ..profiles import Profile
 from ..synthetic import normal
-from .common import Family, LayerInit, by_subject
+from .common import CheckpointLayout, Family, FileModel, LayerInit, by_subject
 
 NAME = "flux"
 COMPONENTS = ("flux.double", "flux.single")
@@ -281,6 +281,39 @@ INPUT_PROBES = {
 }
 
 
+def describe_file(shapes) -> FileModel:
+    """FLUX.1's dims from a checkpoint's shapes (as ``comfy.model_detection``: ``img_in`` = 4 x latent channels,
+    ``vector_in``'s input = the pooled CLIP width, ``guidance_in`` present = dev, absent = schnell)."""
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    dim, packed = shapes["img_in.weight"]
+    guidance = "guidance_in.in_layer.weight" in shapes
+    dims = FluxDims(
+        heads=dim // head_dim,
+        context_dim=shapes["txt_in.weight"][1],
+        vec_dim=shapes["vector_in.in_layer.weight"][1],
+        head_dim=head_dim,
+        in_channels=packed // 4,
+        mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / dim,
+        guidance_embed=guidance,
+    )
+    return FileModel(
+        variant="FLUX.1-dev" if guidance else "FLUX.1-schnell",
+        dims={"flux.double": dims, "flux.single": dims},
+        block_lists={"flux.double": "double_blocks", "flux.single": "single_blocks"},
+    )
+
+
+CHECKPOINT = CheckpointLayout(
+    markers=("double_blocks.0.img_attn.norm.key_norm.scale", "img_in.weight"),
+    describe=describe_file,
+    after_blocks=("final_layer.",),
+    other_layouts={
+        "single_transformer_blocks.0.attn.to_q.weight": "FLUX in diffusers' layout (x_embedder, transformer_blocks, "
+        "single_transformer_blocks): the suite reads the original (BFL/ComfyUI) layout only so far",
+    },
+)
+
+
 FAMILY = Family(
     name=NAME,
     components=COMPONENTS,
@@ -289,4 +322,5 @@ FAMILY = Family(
     boundary_names=by_subject(BOUNDARY_NAMES),
     input_probes=by_subject(INPUT_PROBES),
     xcheck_inputs=XCHECK_INPUTS,
+    checkpoint=CHECKPOINT,
 )

@@ -15,7 +15,7 @@ import torch
 from ..boundaries import InputProbe
 from ..profiles import Profile
 from ..synthetic import normal
-from .common import Family, LayerInit, for_every_subject
+from .common import CheckpointLayout, Family, FileModel, LayerInit, for_every_subject
 
 NAME = "qwen"
 COMPONENTS = ("qwen.block",)
@@ -147,6 +147,34 @@ def comfyui_inputs_to_diffusers(component: str, kwargs: dict, text_tokens: int) 
 XCHECK_INPUTS = {("comfyui", "diffusers"): comfyui_inputs_to_diffusers}
 
 
+def describe_file(shapes) -> FileModel:
+    """Qwen-Image's dims from a checkpoint's shapes (what ``comfy.model_detection`` reads: ``img_in``'s width, the
+    head dim of the q norm, ``txt_in``'s input width)."""
+    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    dim, in_channels = shapes["img_in.weight"]
+    out = shapes.get("proj_out.weight")
+    dims = QwenDims(
+        heads=dim // head_dim,
+        joint_attention_dim=shapes["txt_in.weight"][1],
+        head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=out[0] // 4 if out else 16,
+    )
+    return FileModel(
+        variant="Qwen-Image",
+        dims={"qwen.block": dims},
+        block_lists={"qwen.block": "transformer_blocks"},
+        notes=("Qwen-Image and Qwen-Image-Edit(-2509) share every key and shape: the file cannot say which it is",),
+    )
+
+
+CHECKPOINT = CheckpointLayout(
+    markers=("txt_norm.weight", "transformer_blocks.0.img_mod.1.weight"),
+    describe=describe_file,
+    after_blocks=("norm_out.", "proj_out."),
+)
+
+
 FAMILY = Family(
     name=NAME,
     components=COMPONENTS,
@@ -155,4 +183,5 @@ FAMILY = Family(
     boundary_names=for_every_subject(COMPONENTS, BOUNDARY_NAMES),
     input_probes=for_every_subject(COMPONENTS, INPUT_PROBES),
     xcheck_inputs=XCHECK_INPUTS,
+    checkpoint=CHECKPOINT,
 )

@@ -20,7 +20,7 @@ import torch
 from ..boundaries import InputProbe
 from ..profiles import Profile
 from ..synthetic import normal
-from .common import Family, LayerInit, by_subject
+from .common import CheckpointLayout, Family, FileModel, LayerInit, by_subject
 
 NAME = "wan"
 COMPONENTS = ("wan.t2v", "wan.i2v", "wan.ti2v")
@@ -226,6 +226,52 @@ _DIFFUSERS_PROBES = (
 INPUT_PROBES = {"comfyui": {c: _COMFY_PROBES for c in COMPONENTS}, "diffusers": {c: _DIFFUSERS_PROBES for c in COMPONENTS}}
 
 
+def describe_file(shapes) -> FileModel:
+    """WAN's dims and variant from a checkpoint's shapes, by ``comfy.model_detection``'s rules: width from
+    ``head.modulation``, 128-wide heads, ``img_emb`` = 2.1 I2V (CLIP image tokens), 48 latent channels = 2.2 TI2V-5B,
+    36 input channels without ``img_emb`` = 2.2 I2V-A14B."""
+    dim = shapes["head.modulation"][-1]
+    in_dim = shapes["patch_embedding.weight"][1]
+    patch = tuple(shapes["patch_embedding.weight"][2:])
+    out_dim = shapes["head.head.weight"][0] // (patch[0] * patch[1] * patch[2]) if "head.head.weight" in shapes else in_dim
+    clip = "img_emb.proj.0.bias" in shapes
+    ti2v = in_dim == 48 and out_dim == 48
+    component = "wan.ti2v" if ti2v else "wan.i2v" if clip else "wan.t2v"
+    dims = WanDims(
+        dim=dim,
+        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+        heads=dim // 128,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        text_dim=shapes["text_embedding.0.weight"][1],
+        cross="i2v" if clip else "t2v",
+        per_frame_timesteps=ti2v,
+        freq_dim=shapes["time_embedding.0.weight"][1],
+        patch_size=patch,
+    )
+    size = {1536: "1.3B", 3072: "5B", 5120: "14B"}.get(dim, f"{dim} wide")
+    if ti2v:
+        variant, notes = f"WAN 2.2 TI2V {size}", ()
+    elif clip:
+        variant, notes = f"WAN 2.1 I2V {size}", ()
+    elif in_dim == 36:
+        variant, notes = f"WAN 2.2 I2V {size} (an expert)", ("its blocks are T2V-shaped: the image enters as latent channels",)
+    else:
+        variant, notes = f"WAN 2.1 T2V {size}", ("WAN 2.2 T2V-A14B's experts share every key and shape with WAN 2.1 T2V 14B",)
+    return FileModel(variant=variant, dims={component: dims}, block_lists={component: "blocks"}, notes=notes)
+
+
+CHECKPOINT = CheckpointLayout(
+    markers=("head.modulation", "blocks.0.self_attn.q.weight"),
+    describe=describe_file,
+    after_blocks=("head.",),
+    other_layouts={
+        "condition_embedder.time_embedder.linear_1.weight": "WAN in diffusers' layout (condition_embedder, blocks.N.attn1): "
+        "the suite reads the original (Wan-AI/ComfyUI) layout only so far",
+    },
+)
+
+
 FAMILY = Family(
     name=NAME,
     components=COMPONENTS,
@@ -235,4 +281,5 @@ FAMILY = Family(
     input_probes=by_subject(INPUT_PROBES),
     xcheck_inputs=XCHECK_INPUTS,
     fp8_compute_dtype=FP8_COMPUTE_DTYPE,
+    checkpoint=CHECKPOINT,
 )

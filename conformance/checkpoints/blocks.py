@@ -1,0 +1,86 @@
+"""One block of a checkpoint, read lazily: its stored tensors (for the subject's own ops) and the same weights
+dequantized to float32 in the canonical layout (what goldens are computed from), with the embedder tensors the
+block's inputs are built with, and the identity its goldens are keyed by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..families import get_family
+from .detect import Checkpoint
+from .files import CheckpointError
+from .formats import MARKER, dequantize
+
+
+@dataclass
+class BlockWeights:
+    checkpoint: Checkpoint
+    component: str
+    block: int
+    stored: dict[str, torch.Tensor]  # block-local keys (``attn.to_q.weight``) + embedder keys, as the file stores them
+    weights: dict[str, torch.Tensor]  # the same, dequantized to float32, scale tensors gone
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dims(self):
+        return self.checkpoint.model.dims[self.component]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stored.values())
+
+
+def block_keys(checkpoint: Checkpoint, component: str, block: int) -> list[str]:
+    """The file's keys of one block (with the model prefix)."""
+    counts = checkpoint.block_counts
+    if component not in counts:
+        raise CheckpointError(checkpoint.path, f"holds no {component} blocks (it holds {', '.join(counts)})")
+    if not 0 <= block < counts[component]:
+        raise CheckpointError(checkpoint.path, f"has {counts[component]} {component} blocks (0-{counts[component] - 1}); block {block} asked")
+    start = f"{checkpoint.prefix}{checkpoint.model.block_lists[component]}.{block}."
+    return [k for k in checkpoint.index.keys() if k.startswith(start)]
+
+
+def embedder_keys(checkpoint: Checkpoint) -> list[str]:
+    """The model's tensors outside every block list and after the blocks: the embedders the inputs are built with."""
+    layout = get_family(checkpoint.family).checkpoint
+    lists = tuple(f"{checkpoint.prefix}{name}." for name in checkpoint.model.block_lists.values())
+    after = tuple(f"{checkpoint.prefix}{p}" for p in layout.after_blocks)
+    return [
+        k
+        for k in checkpoint.index.keys()
+        if k.startswith(checkpoint.prefix) and not k.startswith(lists + after) and k != f"{checkpoint.prefix}{MARKER}"
+    ]
+
+
+def read_block(checkpoint: Checkpoint, component: str, block: int, embedders: bool = True) -> BlockWeights:
+    """Block ``block`` of ``component``: only its tensors (and the embedders') are read."""
+    keys = block_keys(checkpoint, component, block)
+    wanted = keys + (embedder_keys(checkpoint) if embedders else [])
+    raw = checkpoint.index.read(wanted)
+    start = f"{checkpoint.prefix}{checkpoint.model.block_lists[component]}.{block}."
+    n = len(checkpoint.prefix)
+    stored = {(k[len(start):] if k.startswith(start) else k[n:]): v for k, v in raw.items()}
+    weights, notes = dequantize(checkpoint.format, stored, f"{checkpoint.path} ({start.rstrip('.')})")
+    return BlockWeights(checkpoint, component, block, stored, weights, notes)
+
+
+def identity(block: BlockWeights) -> str:
+    """What the goldens of a block of a file are keyed by: the files' sizes and headers and the bytes of the tensors
+    read (a re-saved file with other values gets other goldens; a copy or a rename, the same)."""
+    digest = hashlib.sha256()
+    for file in block.checkpoint.index.files:
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            digest.update(file.stat().st_size.to_bytes(8, "little"))
+            digest.update(handle.read(length))
+    digest.update(f"{block.component}:{block.block}".encode())
+    for key in sorted(block.stored):
+        tensor = block.stored[key].contiguous().reshape(-1)
+        digest.update(key.encode())
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
