@@ -203,6 +203,18 @@ def cmd_html(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """What the suite reads from a checkpoint: its layout, family, variant, blocks and storage format (headers only)."""
+    from .checkpoints import CheckpointError, open_checkpoint
+
+    try:
+        checkpoint = open_checkpoint(args.path)
+    except CheckpointError as error:
+        raise CliError(str(error)) from None
+    print(json.dumps(checkpoint.describe(), indent=2))
+    return 0
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -246,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     page.add_argument("report_dir", help="report directory (holds results.json)")
     page.add_argument("--out", default=None, help="file or directory (default: the report directory)")
     page.set_defaults(func=cmd_html)
+
+    inspect = sub.add_parser("inspect", help="say what the suite reads from a checkpoint file or diffusers folder (headers only)")
+    inspect.add_argument("path", help="a .safetensors file, a shard index, or a diffusers model/pipeline folder")
+    inspect.set_defaults(func=cmd_inspect)
     return parser
 
 

@@ -225,3 +225,14 @@ def test_comfyui_detection_agrees(files):
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert {name: r["supported_model"] for name, r in result.items()} == COMFY_CLASSES
     assert result["flux_dev_fp8_scaled.safetensors"]["scaled_fp8"] == "torch.float8_e4m3fn"
+
+
+def test_inspect_command(files, tmp_path, capsys):
+    from conformance.cli import main
+
+    assert main(["inspect", str(files["flux1-dev-fp8.safetensors"])]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert (said["prefix"], said["variant"], said["format"]["name"]) == ("model.diffusion_model.", "FLUX.1-dev", "fp8")
+    (tmp_path / "x.ckpt").write_bytes(b"\x80\x04")
+    assert main(["inspect", str(tmp_path / "x.ckpt")]) == 2
+    assert "refused, never unpickled" in capsys.readouterr().err
