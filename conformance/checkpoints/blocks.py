@@ -34,14 +34,19 @@ class BlockWeights:
         return sum(t.numel() * t.element_size() for t in self.stored.values())
 
 
-def block_keys(checkpoint: Checkpoint, component: str, block: int) -> list[str]:
-    """The file's keys of one block (with the model prefix)."""
+def block_prefix(checkpoint: Checkpoint, component: str, block: int) -> str:
+    """The file's key prefix of one block (``transformer_blocks.30.``, after the model prefix), checked to exist."""
     counts = checkpoint.block_counts
     if component not in counts:
         raise CheckpointError(checkpoint.path, f"holds no {component} blocks (it holds {', '.join(counts)})")
     if not 0 <= block < counts[component]:
         raise CheckpointError(checkpoint.path, f"has {counts[component]} {component} blocks (0-{counts[component] - 1}); block {block} asked")
-    start = f"{checkpoint.prefix}{checkpoint.model.block_lists[component]}.{block}."
+    return f"{checkpoint.prefix}{checkpoint.model.block_lists[component]}.{block}."
+
+
+def block_keys(checkpoint: Checkpoint, component: str, block: int) -> list[str]:
+    """The file's keys of one block (with the model prefix)."""
+    start = block_prefix(checkpoint, component, block)
     return [k for k in checkpoint.index.keys() if k.startswith(start)]
 
 
@@ -59,10 +64,9 @@ def embedder_keys(checkpoint: Checkpoint) -> list[str]:
 
 def read_block(checkpoint: Checkpoint, component: str, block: int, embedders: bool = True) -> BlockWeights:
     """Block ``block`` of ``component``: only its tensors (and the embedders') are read."""
-    keys = block_keys(checkpoint, component, block)
-    wanted = keys + (embedder_keys(checkpoint) if embedders else [])
+    start = block_prefix(checkpoint, component, block)
+    wanted = [k for k in checkpoint.index.keys() if k.startswith(start)] + (embedder_keys(checkpoint) if embedders else [])
     raw = checkpoint.index.read(wanted)
-    start = f"{checkpoint.prefix}{checkpoint.model.block_lists[component]}.{block}."
     n = len(checkpoint.prefix)
     stored = {(k[len(start):] if k.startswith(start) else k[n:]): v for k, v in raw.items()}
     weights, notes = dequantize(checkpoint.format, stored, f"{checkpoint.path} ({start.rstrip('.')})")

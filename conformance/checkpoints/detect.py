@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +36,6 @@ class Checkpoint:
     @property
     def path(self) -> Path:
         return self.index.path
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor's shape under the model prefix, keyed without it."""
-        n = len(self.prefix)
-        return {k[n:]: e.shape for k, e in self.index.entries.items() if k.startswith(self.prefix)}
 
     def default_blocks(self, component: str) -> tuple[int, ...]:
         """First, middle and last."""
@@ -172,7 +166,3 @@ def comfyui_detection(comfy, checkpoint: Checkpoint) -> dict:
         raise CheckpointError(checkpoint.path, f"ComfyUI {comfy.version}'s model_detection disagrees with the suite: {'; '.join(disagree)}")
     return result
 
-
-def with_detection(checkpoint: Checkpoint, detection: Mapping | None) -> Checkpoint:
-    checkpoint.subject_detection = dict(detection) if detection else None
-    return checkpoint

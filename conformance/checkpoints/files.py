@@ -9,6 +9,7 @@ are recognised by their magic and refused with what would be needed.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -64,11 +65,7 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         dtype = self.torch_dtype
-        itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 0
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * itemsize
+        return math.prod(self.shape) * (dtype.itemsize if dtype is not None else 0)
 
 
 @dataclass
@@ -84,9 +81,6 @@ class TensorIndex:
 
     def keys(self) -> Iterable[str]:
         return self.entries.keys()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.entries[key].shape
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
@@ -112,16 +106,14 @@ class TensorIndex:
 
 
 def _read_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
-    buffer = bytearray(entry.end - entry.begin)
-    view, done = memoryview(buffer), 0
-    while done < len(buffer):
+    buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)  # uninitialised: the read fills every byte
+    view, done = memoryview(buffer.numpy()), 0
+    while done < len(view):
         n = os.preadv(fd, [view[done:]], entry.begin + done)
         if n <= 0:
             raise CheckpointError(entry.file, f"ends inside tensor {entry.key}")
         done += n
-    if not buffer:
-        return torch.empty(entry.shape, dtype=entry.torch_dtype)
-    return torch.frombuffer(buffer, dtype=entry.torch_dtype).reshape(entry.shape)
+    return buffer.view(entry.torch_dtype).reshape(entry.shape)
 
 
 def index_checkpoint(path: Path | str) -> TensorIndex:
