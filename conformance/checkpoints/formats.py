@@ -15,6 +15,7 @@ its precision, not the quantization the file already made. The stored tensors th
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -91,10 +92,7 @@ def detect_format(index: TensorIndex, prefix: str) -> StorageFormat:
                 f"has per-tensor scale_weight tensors ({len(scales)}) but no {prefix}{MARKER} marker: ComfyUI would load "
                 "its fp8 weights unscaled (wrong by each layer's scale); re-save it with the marker",
             )
-        full = 1
-        for s in marker.shape:
-            full *= s
-        return StorageFormat("scaled_fp8", weight_dtype, scale_input=scale_input, full_precision_mm=full == 2)
+        return StorageFormat("scaled_fp8", weight_dtype, scale_input=scale_input, full_precision_mm=math.prod(marker.shape) == 2)
     if weight_dtype in FP8_NAMES:
         return StorageFormat("fp8", weight_dtype)
     return StorageFormat("plain", weight_dtype)
