@@ -47,6 +47,8 @@ class Case:
             names += [self.precision, f"{self.family}_{self.precision}"]
         if self.scale == "real":
             names.append("real")
+        elif self.scale != "tiny":  # a block of a checkpoint file (--weights: conformance.scales)
+            names.append("checkpoint")
         if self.kind == "vae":
             names.append("vae")
         if self.guard != "none":

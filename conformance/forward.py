@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import captures
 from .backends import CallCounter
 from .boundaries import BoundaryRecord
 from .families import component_family, component_profiles, family_of
@@ -23,6 +24,7 @@ from .guards import GuardContext, GuardRun, get_policy
 from .machine import align_onednn_isa
 from .precision import PRECISIONS, Precision
 from .probes import Probes
+from .scales import file_scale, size_class
 from .subjects.base import BuiltComponent, ComponentInputs, Subject, clone_tensors
 
 
@@ -111,6 +113,12 @@ class ForwardRunner:
     def weights(self, component: str, scale: str, profile: str | None = None) -> dict[str, torch.Tensor]:
         """Synthetic weights of a component; with a profile, after that profile's weight stresses (if any)."""
         key = (component, scale)
+        if key not in self._weights and file_scale(scale):
+            from .checkpoints.cases import read_weights
+
+            found = file_scale(scale)
+            self.options.progress(f"reading block {found.block} of {component} from {found.path}")
+            self._weights.put(key, read_weights(scale, component, self.subject.weight_shapes(component, scale)))
         if key not in self._weights:
             family = component_family(component)
             shapes = self.subject.weight_shapes(component, scale)
@@ -128,6 +136,12 @@ class ForwardRunner:
 
     def inputs(self, component: str, scale: str, profile: str) -> ComponentInputs:
         key = (component, scale, profile)
+        if key not in self._inputs and captures.captured(profile):
+            kwargs, sizes = captures.inputs(profile)
+            convert = component_family(component).xcheck_inputs.get(("comfyui", self.subject.name)) if self.subject.name != "comfyui" else None
+            if convert is not None:  # a ComfyUI capture in the other subject's form (the cross-check's conversion)
+                kwargs = convert(component, kwargs, sizes["text_tokens"])
+            self._inputs.put(key, ComponentInputs(kwargs=kwargs, sizes=sizes, profile=profile))
         if key not in self._inputs:
             prof = component_profiles(component)[profile]
             built = self.subject.inputs(component, scale, prof, self.weights(component, scale, profile), self.options.seed)
@@ -202,7 +216,7 @@ class ForwardRunner:
             built = subject.build(component, scale, precision, weights, device)
             self._add_phase("build", mark)
             return built
-        cache = self._built["tiny" if scale == "tiny" else "real"]
+        cache = self._built[size_class(scale)]
         # id(weights) names these weights: the cache holds them with the module, so no other object can take the id
         key = (id(subject), id(weights), component, scale, precision.name, precision.compute_dtype, str(device))
         if key in cache:

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .captures import captured
 from .forward import _LRU, cuda_numerics
 from .goldens import (
     Golden,
@@ -43,9 +44,10 @@ class GoldenSource:
 
     def store_for(self, key: GoldenKey) -> GoldenStore:
         """Tiny goldens of an identity the repository holds (or is asked to hold, with --conformance-update-goldens) live in the
-        committed store; everything else is created on demand in the local store."""
+        committed store; everything else (real scale, a checkpoint's blocks, a capture's inputs) is created on demand in
+        the local store."""
         committed = self.options.committed_store
-        if key.scale == "tiny" and (self.options.update_goldens or committed.has_identity(key.subject, key.identity)):
+        if key.scale == "tiny" and not captured(key.profile) and (self.options.update_goldens or committed.has_identity(key.subject, key.identity)):
             return committed
         return self.options.local_store
 

@@ -11,9 +11,11 @@ import torch
 
 from .backends import BACKENDS, XCHECK
 from .case import Case
-from .families import component_profiles, family_of, is_vae
+from .captures import captured
+from .families import component_profiles, family_of, get_family, is_vae
 from .guards import support_reason
 from .precision import PRECISIONS
+from .scales import applies, file_scale
 from .subjects.base import Subject
 
 
@@ -31,17 +33,18 @@ def build_matrix(
     guards: tuple[str, ...] = ("none",),
     patches: tuple[str, ...] = (),
 ) -> list[MatrixEntry]:
-    entries = _whole_model_entries(subject, device, patches)
+    on_a_file = any(file_scale(s) for s in scales)  # --weights: the file's blocks only, no synthetic whole models
+    entries = [] if on_a_file else _whole_model_entries(subject, device, patches)
     for component, reason in subject.unavailable_components().items():
-        entries += _unavailable(subject, component, reason, scales, profiles, guards)
+        entries += _unavailable(subject, component, reason, tuple(s for s in scales if applies(s, component)), profiles, guards)
     for component in subject.components():
         family = family_of(component)
         available_profiles = {n: p for n, p in component_profiles(component).items() if p.applies(component)}
-        for scale in scales:
+        for scale in (s for s in scales if applies(s, component)):
             for profile in profiles or tuple(available_profiles):
                 if profile not in available_profiles:
                     continue
-                profile_reason = subject.profile_reason(component, available_profiles[profile])
+                profile_reason = subject.profile_reason(component, available_profiles[profile]) or _scale_profile_reason(subject, scale, component, available_profiles[profile])
                 for precision in PRECISIONS.values():
                     precision_reasons = precision.not_supported_reasons(device) + list(subject.precision_support(precision, device, component))
                     for backend in BACKENDS:
@@ -61,6 +64,26 @@ def build_matrix(
                     reason = subject.xcheck_reason(component) or (f"profile {profile}: {profile_reason}" if profile_reason else None) or _partner_reason(subject.xcheck_partner)
                     entries.append(MatrixEntry(case, reason))
     return entries
+
+
+def _scale_profile_reason(subject: Subject, scale: str, component: str, profile) -> str | None:
+    """Why a profile does not run at a scale: a checkpoint's block is tested with its own weights (no weight stress);
+    a capture runs on blocks of its own width, on a file only on the block it was captured at, and on a subject
+    other than the one it was captured from only through the family's conversion of its inputs."""
+    found = file_scale(scale)
+    if found and any(w.applies(component) for w in profile.weights):
+        return "rescales the synthetic weights; a checkpoint's blocks run with the file's weights as they are"
+    record = captured(profile.name)
+    if record is None:
+        return None
+    dims = get_family(family_of(component)).checkpoint.dims_by_scale(component)[scale]
+    if record.width != dims.dim:
+        return f"captured from a model {record.width} wide; {component} at {scale} is {dims.dim} wide"
+    if found and record.record["block"] != found.block:
+        return f"captured at block {record.record['block']}, not block {found.block}"
+    if subject.name != "comfyui" and ("comfyui", subject.name) not in get_family(family_of(component)).xcheck_inputs:
+        return f"a ComfyUI capture; the suite has no conversion of {component}'s inputs to {subject.name}'s form"
+    return None
 
 
 def _whole_model_entries(subject: Subject, device: torch.device, patches: tuple[str, ...]) -> list[MatrixEntry]:

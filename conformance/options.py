@@ -34,6 +34,8 @@ OPTIONS: dict[str, tuple[str | None, dict]] = {
     "expectations": ("--expectations", {"default": None, "help": "ratchet file from a baseline run: a case worse than its expectation fails"}),
     "save_outputs": ("--save-outputs", {"action": "store_true", "help": "save every case's outputs (float32 safetensors) under <report-dir>/outputs, for the upgrade gate"}),
     "patch": ("--patch", {"action": "append", "default": [], "metavar": "MODULE:CALLABLE", "help": "a third-party patch installed on every model of the whole-model cases, as a custom node installs it (a dotted module or a .py file, then the function); repeatable (docs/workloads.md)"}),
+    "weights": ("--weights", {"default": None, "metavar": "PATH", "help": "block cases on a checkpoint file or diffusers folder: its blocks replace the scale axis (docs/checkpoints.md)"}),
+    "block": ("--block", {"default": None, "metavar": "N[,M...]", "help": "with --weights: the blocks to test, negative from the end (default: first, middle and last)"}),
     "prefetch_goldens": ("--prefetch-goldens", {"default": "auto", "choices": PREFETCH_MODES, "help": "make the run's missing goldens ahead of their cases in a second CPU process (auto: on a CUDA run without xdist)"}),
 }  # fmt: skip
 

@@ -8,6 +8,7 @@ from functools import cache
 from pathlib import Path
 
 from .paths import PROFILES_DIR
+from .scales import sizes_scale
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Profile:
 
     def sizes_for(self, scale: str) -> Sizes:
         try:
-            return self.sizes[scale]
+            return self.sizes[sizes_scale(scale)]
         except KeyError:
             raise KeyError(f"profile {self.family}/{self.name} defines no sizes for scale {scale!r}") from None
 

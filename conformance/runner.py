@@ -19,6 +19,7 @@ from . import compare
 from .backends import XCHECK
 from .boundaries import first_nonfinite, first_saturated, summarize
 from .case import Case
+from .checkpoints.cases import describe_scale
 from .expectations import ExpectedFailure, expected_failure_for
 from .families import component_family, component_profiles, family_precision, get_family, is_vae
 from .forward import ForwardRun, ForwardRunner
@@ -335,6 +336,10 @@ class Engine(ForwardRunner, GoldenSource):
         stats, nonfinite, save, tiled, tiled_metrics = gathered.stats, gathered.nonfinite, gathered.save, gathered.tiled, gathered.tiled_metrics
         path_notes, outputs_file, inputs_file = gathered.path_notes, gathered.outputs_file, gathered.inputs_file
         notes = list(run.notes) + path_notes + verdict.notes
+        weights = describe_scale(case.scale, case.component)
+        if weights is not None:  # a block of a checkpoint file (--weights)
+            stats["weights"] = weights
+            notes.insert(0, f"block {weights['block']} of {weights['file']} ({weights['variant']}, {weights['format']})")
         if run.guard_note:
             notes.append(f"subject guard: {run.guard_note}")
         if run.guard is not None:

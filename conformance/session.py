@@ -44,6 +44,7 @@ OTHER_MARKERS = {
     "vae": "VAE decoder cases",
     "gpu": "needs a CUDA device",
     "real": "real-dimension cases (--scale real)",
+    "checkpoint": "cases on the blocks of a checkpoint file (--weights PATH)",
     "guard": "cases run under a guard policy",
     "sequence": "whole tiny models after a sequence of other families in one process (conformance.workloads)",
     "patch": "whole-model cases with a third-party patch installed (--conformance-patch, fixtures/patches/)",
@@ -135,7 +136,7 @@ class ConformanceSession:
             self._refuse_comfyui_conftests(Path(self.opt("comfyui")).expanduser().resolve())
         if self.comfyui_path and not Path(self.comfyui_path).expanduser().is_dir():
             raise UsageError(f"--comfyui / COMFYUI_PATH: {self.comfyui_path} is not a directory")
-        profiles = _split(self.opt("profile"))
+        profiles = tuple(p for p in self.profiles or () if p not in self.captured_profiles)
         if profiles:
             from .profiles import load_profiles
 
@@ -213,8 +214,53 @@ class ConformanceSession:
             return chosen
         return "nightly" if (self.config.getoption("markexpr") or self.config.getoption("keyword")) else "default"
 
+    @functools.cached_property
+    def captured_profiles(self) -> tuple[str, ...]:
+        """``--conformance-profile captured:PATH``: each record of the capture file registered as a profile
+        (``conformance.captures``)."""
+        from .captures import CaptureError, register_capture
+
+        names = []
+        for word in _split(self.opt("profile")) or ():
+            if word.startswith("captured:"):
+                try:
+                    names += register_capture(word.removeprefix("captured:"))
+                except CaptureError as error:
+                    raise UsageError(f"--conformance-profile: {error}") from None
+        return tuple(names)
+
+    @property
+    def profiles(self) -> tuple[str, ...] | None:
+        """The profiles asked for (None: every profile of each component), captures by their records' names."""
+        words = _split(self.opt("profile"))
+        if not words:
+            return None
+        return tuple(w for w in words if not w.startswith("captured:")) + self.captured_profiles
+
+    @functools.cached_property
+    def checkpoint(self):
+        """``--weights``: the file opened and a scale registered per chosen block (``checkpoints.cases``); None
+        without it. A file the suite cannot use is one usage error naming the file and what is wrong."""
+        path = self.opt("weights")
+        if not path:
+            if self.opt("block"):
+                raise UsageError("--block needs --weights PATH (the checkpoint whose blocks to test)")
+            return None
+        if self.opt("scale") != "tiny":
+            raise UsageError("--weights gives the scales (one per chosen block of the file); leave --scale out")
+        from .checkpoints import CheckpointError
+        from .checkpoints.cases import register_file
+
+        try:
+            checkpoint, names = register_file(path, self.opt("block"))
+        except CheckpointError as error:
+            raise UsageError(f"--weights: {error}") from None
+        return checkpoint, tuple(names)
+
     @property
     def scales(self) -> tuple[str, ...]:
+        if self.checkpoint is not None:
+            return self.checkpoint[1]
         scales = _split(self.opt("scale")) or ("tiny",)
         unknown = [s for s in scales if s not in SCALES]
         if unknown:
@@ -260,7 +306,7 @@ class ConformanceSession:
 
     def matrix(self):
         if self._matrix is None:
-            profiles = _split(self.opt("profile"))
+            profiles = self.profiles
             self._matrix = build_matrix(self.subject, self.device, self.scales, profiles, self.guards, tuple(self.patch_specs))
         return self._matrix
 
@@ -487,6 +533,8 @@ class ConformanceSession:
             "subject": self.subject_name,
             "comfyui": self.comfyui_path,
             "scale": list(self.scales),
+            "weights": self.opt("weights"),
+            "block": self.opt("block"),
             "profile": self.opt("profile"),
             "guard": list(self.guards),
             "markexpr": self.config.getoption("markexpr") or None,
@@ -503,6 +551,13 @@ class ConformanceSession:
         if log is None:
             return {"ran": False, "why": why if not wanted else "no missing golden of the selection is made on the CPU (the run's device makes the others)"}
         return {"ran": True, "why": why, "planned": log.planned, "made": len(log.made), "seconds": round(log.seconds, 2), "errors": log.errors}
+
+    def weights_info(self) -> dict:
+        """``--weights``: the file as the suite read it and the block each file scale stands for."""
+        from .scales import file_scale
+
+        checkpoint, names = self.checkpoint
+        return {**checkpoint.describe(), "file_id": file_scale(names[0]).file_id, "scales": {n: {"block": file_scale(n).block, "components": list(file_scale(n).components)} for n in names}}
 
     def run_info(self) -> dict:
         from .report import environment
@@ -521,6 +576,7 @@ class ConformanceSession:
             "subject_settings": subject["subject_settings"],
             "packages": subject["packages"],
             "options": self.options_info(),
+            **({"weights": self.weights_info()} if self.opt("weights") else {}),
             "golden_stores": {"committed": str(self.golden_dir), "local": str(self.golden_store)},
             "golden_changes": self.golden_change_lines,
             "golden_identity": subject["golden_identity"],

@@ -73,15 +73,21 @@ def read_block(checkpoint: Checkpoint, component: str, block: int, embedders: bo
     return BlockWeights(checkpoint, component, block, stored, weights, notes)
 
 
-def identity(block: BlockWeights) -> str:
-    """What the goldens of a block of a file are keyed by: the files' sizes and headers and the bytes of the tensors
-    read (a re-saved file with other values gets other goldens; a copy or a rename, the same)."""
+def file_id(checkpoint: Checkpoint) -> str:
+    """sha256 of the files' sizes and headers: a copy or a rename has the same id; a re-saved file another one."""
     digest = hashlib.sha256()
-    for file in block.checkpoint.index.files:
+    for file in checkpoint.index.files:
         with file.open("rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
             digest.update(file.stat().st_size.to_bytes(8, "little"))
             digest.update(handle.read(length))
+    return digest.hexdigest()
+
+
+def identity(block: BlockWeights) -> str:
+    """A block's identity: the files' sizes and headers (``file_id``) and the bytes of the tensors read (a re-saved
+    file with other values gets another; a copy or a rename, the same)."""
+    digest = hashlib.sha256(file_id(block.checkpoint).encode())
     digest.update(f"{block.component}:{block.block}".encode())
     for key in sorted(block.stored):
         tensor = block.stored[key].contiguous().reshape(-1)

@@ -4,6 +4,7 @@ Subject-neutral. ``FAMILIES`` is the registry: a new family is a module with its
 
 from __future__ import annotations
 
+from .. import captures
 from ..axes import FAMILY_NAMES
 from ..paths import PROFILES_DIR
 from ..precision import Precision, get_precision
@@ -40,7 +41,9 @@ def component_family(component: str) -> Family:
 def component_profiles(component: str) -> dict[str, Profile]:
     """Every input profile of the component's profile file (each profile says which components it applies to)."""
     family = component_family(component)
-    return load_profiles(family.profiles, family.profiles_dir or PROFILES_DIR)
+    profiles = load_profiles(family.profiles, family.profiles_dir or PROFILES_DIR)
+    captured = captures.profiles_for(component)  # --profile captured:PATH (conformance.captures)
+    return {**profiles, **captured} if captured else profiles
 
 
 def get_family(name: str) -> Family:

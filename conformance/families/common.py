@@ -61,6 +61,8 @@ class CheckpointLayout:
     after_blocks: tuple[str, ...]  # key prefixes after the blocks (final norm, head): not needed by block cases
     # a key of another layout of the family -> what that layout is (the file is refused with it)
     other_layouts: Mapping[str, str] = field(default_factory=dict)
+    # component -> the table the family's code reads its dims from by scale (a file's dims are registered there)
+    dims_by_scale: Callable[[str], dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -306,6 +306,7 @@ def describe_file(shapes) -> FileModel:
 CHECKPOINT = CheckpointLayout(
     markers=("double_blocks.0.img_attn.norm.key_norm.scale", "img_in.weight"),
     describe=describe_file,
+    dims_by_scale=lambda component: DIMS,
     after_blocks=("final_layer.",),
     other_layouts={
         "single_transformer_blocks.0.attn.to_q.weight": "FLUX in diffusers' layout (x_embedder, transformer_blocks, "

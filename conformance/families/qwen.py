@@ -171,6 +171,7 @@ def describe_file(shapes) -> FileModel:
 CHECKPOINT = CheckpointLayout(
     markers=("txt_norm.weight", "transformer_blocks.0.img_mod.1.weight"),
     describe=describe_file,
+    dims_by_scale=lambda component: DIMS,
     after_blocks=("norm_out.", "proj_out."),
 )
 

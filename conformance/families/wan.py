@@ -264,6 +264,7 @@ def describe_file(shapes) -> FileModel:
 CHECKPOINT = CheckpointLayout(
     markers=("head.modulation", "blocks.0.self_attn.q.weight"),
     describe=describe_file,
+    dims_by_scale=lambda component: DIMS[component],
     after_blocks=("head.",),
     other_layouts={
         "condition_embedder.time_embedder.linear_1.weight": "WAN in diffusers' layout (condition_embedder, blocks.N.attn1): "

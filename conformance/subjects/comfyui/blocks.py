@@ -24,7 +24,8 @@ from ...profiles import Profile
 from ..base import ABSENT, BuiltComponent, ComponentAdapter, ComponentInputs, SubjectError
 from ..capture import accepted_kwargs, capture_block_inputs
 from .loader import ComfyUI
-from .ops import plan, prepare_state_dict
+from ...checkpoints.cases import CheckpointWeights
+from .ops import load_as_stored, plan, prepare_state_dict
 
 # ComfyUI's FLUX blocks repair fp16 overflow with torch.nan_to_num(x, nan=0, posinf=65504, neginf=-65504).
 NAN_TO_NUM_SPY = (GuardSpy(torch, "nan_to_num", "torch.nan_to_num"),)
@@ -294,8 +295,12 @@ class ComfyBlock(ComponentAdapter):
         the_plan = plan(self.comfy, precision)
         block = self._block(dims, the_plan.dtype, device, the_plan.operations)
         wanted = block.state_dict().keys()
-        state = {k: weights[k] for k in wanted if k in weights}
-        state, notes = prepare_state_dict(block, state, the_plan)
+        stored = weights.as_stored_for(precision) if isinstance(weights, CheckpointWeights) else None
+        if stored is not None:
+            state, notes = load_as_stored(block, stored, the_plan, weights.block.checkpoint.format.label)
+        else:
+            state = {k: weights[k] for k in wanted if k in weights}
+            state, notes = prepare_state_dict(block, state, the_plan)
         missing = sorted(set(wanted) - set(state))
         if missing:
             raise KeyError(f"{self.component}: no weights for {missing}")

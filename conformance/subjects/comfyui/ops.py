@@ -132,3 +132,29 @@ def prepare_state_dict(module: nn.Module, state: dict[str, torch.Tensor], the_pl
             flushed += stats.flushed_to_zero
             layers += 1
     return out, [f"{layers} linears quantized ({saturated} weights at the e4m3 max, {flushed} non-zero weights flushed to zero)"]
+
+
+def load_as_stored(module: nn.Module, stored: dict[str, torch.Tensor], the_plan: OpsPlan, label: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A checkpoint block's tensors as the file stores them, for the ops ComfyUI picks for its format (a scaled fp8
+    file: ``scaled_fp8_ops``, as ``comfy.ops.pick_operations`` with ``scaled_fp8`` set and no fp8 optimizations).
+    Like ComfyUI's own loading, a linear the file leaves unscaled keeps the module's initial ``scale_weight`` (1) and
+    activation scales the ops do not use are dropped; nothing is quantized again."""
+    wanted = module.state_dict()
+    state, defaulted = {}, []
+    for key, initial in wanted.items():
+        if key in stored:
+            tensor = stored[key]
+            state[key] = tensor.reshape(initial.shape) if key.endswith("scale_weight") else tensor
+        elif key.endswith("scale_weight"):
+            state[key] = initial
+            defaulted.append(key)
+    dropped = sorted(k for k in stored if k not in wanted and k.endswith(("scale_input", "input_scale")))
+    notes = [f"weights as stored in the file ({label}), loaded into {the_plan.description}"]
+    if the_plan.quantize is None:
+        state, cast_notes = prepare_state_dict(module, state, the_plan)
+        notes += cast_notes
+    if defaulted:
+        notes.append(f"{len(defaulted)} linears without a scale in the file keep scale_weight 1, as ComfyUI loads them")
+    if dropped:
+        notes.append(f"{len(dropped)} activation scales unused by these ops ({dropped[0]} ...)")
+    return state, notes
