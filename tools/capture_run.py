@@ -2,7 +2,7 @@
 ``comfy.sample.sample`` (euler, a few steps, seeded synthetic conditioning) under ``conformance.captures.capturing``.
 
     python tools/capture_run.py --comfyui PATH --weights FILE --out capture.safetensors [--steps 3] [--blocks 0,2]
-        [--evaluations 0,2] [--grid 8x8]
+        [--evaluations 0,2] [--grid 8x8] [--via node]
 
 The conditioning is synthetic (seeded normal text-encoder states of the file's width); everything else is the
 checkout's own loading and sampling path. Prints what was captured.
@@ -11,6 +11,7 @@ checkout's own loading and sampling path. Prints what was captured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from conformance.checkpoints import open_checkpoint  # noqa: E402
 from conformance.subjects.comfyui.loader import load  # noqa: E402
 from conformance.workloads.comfyui import placeholders  # noqa: E402
 
+NODE = Path(__file__).resolve().parent.parent / "fixtures" / "custom_nodes" / "conformance_capture" / "__init__.py"
 CONTEXT = {"qwen": lambda d: d.joint_attention_dim, "flux": lambda d: d.context_dim, "wan": lambda d: d.text_dim}
 
 
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", default="8x8", help="latent size in 2x2 patches (tokens per side), HxW")
     parser.add_argument("--tokens", type=int, default=8, help="text tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--via", choices=("context", "node"), default="context", help="conformance.captures.capturing, or the ConformanceCapture custom node")
     args = parser.parse_args(argv)
 
     comfy = load(Path(args.comfyui), torch.device("cpu"))
@@ -66,8 +69,16 @@ def main(argv=None) -> int:
     noise = sample.prepare_noise(latent, args.seed)
     positive, negative = conditioning(checkpoint, args.tokens, args.seed + 1)
     evaluations = tuple(int(e) for e in args.evaluations.split(","))
-    with capturing(model, args.out, blocks, evaluations, model_file=str(args.weights)) as patched:
-        out = sample.sample(patched, noise, args.steps, 2.0, "euler", "simple", positive, negative, latent, disable_pbar=True, seed=args.seed)
+    run = lambda patched: sample.sample(patched, noise, args.steps, 2.0, "euler", "simple", positive, negative, latent, disable_pbar=True, seed=args.seed)  # noqa: E731
+    if args.via == "node":
+        spec = importlib.util.spec_from_file_location("conformance_capture", NODE)
+        node = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(node)
+        (patched,) = node.NODE_CLASS_MAPPINGS["ConformanceCapture"]().patch(model, args.out, args.blocks, args.evaluations, str(args.weights))
+        out = run(patched)
+    else:
+        with capturing(model, args.out, blocks, evaluations, model_file=str(args.weights)) as patched:
+            out = run(patched)
     print(json.dumps({"comfyui": comfy.version, "file": args.weights, "latent": list(out.shape), "finite": bool(torch.isfinite(out).all()), "out": args.out}))
     return 0
 
