@@ -5,8 +5,9 @@ block's inputs are built with, and the identity its goldens are keyed by.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,12 +19,29 @@ from .formats import MARKER, dequantize
 
 @dataclass
 class BlockWeights:
+    """One block as read: the stored tensors (block-local keys ``attn.to_q.weight`` + embedder keys, as the file
+    stores them); ``weights`` dequantizes them to float32 on first use (the read itself holds the block's bytes once:
+    docs/benchmarks.md)."""
+
     checkpoint: Checkpoint
     component: str
     block: int
-    stored: dict[str, torch.Tensor]  # block-local keys (``attn.to_q.weight``) + embedder keys, as the file stores them
-    weights: dict[str, torch.Tensor]  # the same, dequantized to float32, scale tensors gone
-    notes: list[str] = field(default_factory=list)
+    stored: dict[str, torch.Tensor]
+    where: str = ""  # the file and block, for messages
+
+    @functools.cached_property
+    def _dequantized(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        return dequantize(self.checkpoint.format, self.stored, self.where)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The same tensors dequantized to float32 in the canonical layout, scale tensors gone."""
+        return self._dequantized[0]
+
+    @property
+    def notes(self) -> list[str]:
+        """How ``weights`` were dequantized."""
+        return self._dequantized[1]
 
     @property
     def dims(self):
@@ -69,8 +87,7 @@ def read_block(checkpoint: Checkpoint, component: str, block: int, embedders: bo
     raw = checkpoint.index.read(wanted)
     n = len(checkpoint.prefix)
     stored = {(k[len(start):] if k.startswith(start) else k[n:]): v for k, v in raw.items()}
-    weights, notes = dequantize(checkpoint.format, stored, f"{checkpoint.path} ({start.rstrip('.')})")
-    return BlockWeights(checkpoint, component, block, stored, weights, notes)
+    return BlockWeights(checkpoint, component, block, stored, f"{checkpoint.path} ({start.rstrip('.')})")
 
 
 def file_id(checkpoint: Checkpoint) -> str:

@@ -70,11 +70,8 @@ def detect_format(index: TensorIndex, prefix: str) -> StorageFormat:
     matrices = _matrices(index, prefix)
     if not matrices:
         raise CheckpointError(index.path, f"has no weight matrices under {prefix!r}")
-    weighted = Counter()
-    for key in matrices:
-        entry = index.entries[key]
-        weighted[entry.dtype] += entry.nbytes
-    weight_dtype = weighted.most_common(1)[0][0]
+    # by count, not bytes: a tiny model's text embedding (4096 wide, kept in fp16) outweighs its fp8 blocks in bytes
+    weight_dtype = Counter(index.entries[key].dtype for key in matrices).most_common(1)[0][0]
     keys = [k for k in index.entries if k.startswith(prefix)]
     scale_input = any(k.endswith((".scale_input", ".input_scale")) for k in keys)
     if any(k.endswith(".comfy_quant") for k in keys) or QUANT_METADATA in index.metadata:
