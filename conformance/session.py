@@ -307,6 +307,8 @@ class ConformanceSession:
     def matrix(self):
         if self._matrix is None:
             profiles = self.profiles
+            if self.checkpoint is not None and self.checkpoint[0].subject_detection is None:
+                self._detect_checkpoint(self.checkpoint[0])
             self._matrix = build_matrix(self.subject, self.device, self.scales, profiles, self.guards, tuple(self.patch_specs))
         return self._matrix
 
@@ -551,6 +553,15 @@ class ConformanceSession:
         if log is None:
             return {"ran": False, "why": why if not wanted else "no missing golden of the selection is made on the CPU (the run's device makes the others)"}
         return {"ran": True, "why": why, "planned": log.planned, "made": len(log.made), "seconds": round(log.seconds, 2), "errors": log.errors}
+
+    def _detect_checkpoint(self, checkpoint) -> None:
+        """The subject's own detection of the ``--weights`` file, recorded with it; a disagreement is a usage error."""
+        from .checkpoints import CheckpointError
+
+        try:
+            checkpoint.subject_detection = self.subject.detect_checkpoint(checkpoint)
+        except CheckpointError as error:
+            raise UsageError(f"--weights: {error}") from None
 
     def weights_info(self) -> dict:
         """``--weights``: the file as the suite read it and the block each file scale stands for."""

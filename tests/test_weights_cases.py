@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 from safetensors import safe_open
 
@@ -44,8 +45,14 @@ def suite(tmp_path: Path, *args: str, comfyui: str | None = None) -> tuple[subpr
     return proc, report
 
 
+SCHEMA = json.loads((ROOT / "conformance" / "schema" / "results.schema.json").read_text())
+
+
 def cases(report: Path) -> list[dict]:
-    return json.loads((report / "results.json").read_text())["cases"]
+    """The run's cases, once results.json is checked against its schema."""
+    results = json.loads((report / "results.json").read_text())
+    jsonschema.validate(results, SCHEMA)
+    return results["cases"]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +126,8 @@ def test_a_files_own_fp8_runs_as_stored_through_comfyuis_ops(files, tmp_path, na
     assert ran and all(c["outcome"] == "passed" for c in ran)
     for case in ran:
         assert any(n.startswith(f"weights as stored in the file ({stored}") and "scaled_fp8_ops" in n for n in case["notes"]), case["notes"]
+    detection = json.loads((report / "results.json").read_text())["run"]["weights"]["subject_detection"]
+    assert detection["supported_model"] in ("WAN21_T2V", "Flux") and detection["scaled_fp8"] == "torch.float8_e4m3fn"  # ComfyUI's own reading
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,10 @@ from .files import CheckpointError
 
 # storage format -> the precision kinds whose cases load the file's tensors as stored (conformance.precision kinds)
 AS_STORED = {"scaled_fp8": ("fp8_scaled",), "fp8_blockwise": ("fp8_block",), "fp8": ("fp8_storage", "fp8_mm")}
+NOT_AS_STORED = {
+    "comfy_quant": "no precision runs it as stored: ComfyUI 0.3.50-0.3.64 have no ops for comfy_quant layers (they would "
+    "load the fp8 weights without their weight_scale); every case starts from the dequantized weights",
+}
 
 
 class CheckpointWeights(dict):
@@ -109,5 +113,6 @@ def describe_scale(scale: str, component: str) -> dict | None:
         "block": found.block,
         "blocks_in_file": checkpoint.block_counts.get(component),
         "as_stored_for": list(AS_STORED.get(checkpoint.format.name, ())),
+        **({"as_stored_note": NOT_AS_STORED[checkpoint.format.name]} if checkpoint.format.name in NOT_AS_STORED else {}),
         "dequantized": found.dequantized.get(component, []),
     }

@@ -193,6 +193,11 @@ class Subject(ABC):
         fresh worker process load the same subject: ``(models, worker_args)``."""
         raise NotImplementedError(self.whole_models_reason())
 
+    def detect_checkpoint(self, checkpoint) -> dict | None:
+        """What the subject's own model detection makes of a checkpoint (``--weights``), which must agree with the
+        suite's reading (``checkpoints.CheckpointError`` where not); None where the subject has no detection."""
+        return None
+
     @abstractmethod
     def info(self) -> SubjectInfo: ...
 

@@ -58,6 +58,11 @@ class ComfyUISubject(Subject):
     def whole_models_reason(self) -> str | None:
         return None
 
+    def detect_checkpoint(self, checkpoint) -> dict | None:
+        from ...checkpoints import comfyui_detection
+
+        return comfyui_detection(self.comfy, checkpoint)
+
     def whole_models(self):
         if getattr(self, "_whole_models", None) is None:
             from ...workloads.comfyui import ComfyWholeModels
