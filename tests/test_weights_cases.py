@@ -186,3 +186,45 @@ def test_a_capture_replays_on_the_files_own_block(capture, files, tmp_path):
     assert {c["profile"].split("@")[0] for c in ran} == {"cape0b0", "cape2b0"} and all(c["outcome"] == "passed" for c in ran)
     other = [c for c in results if c["profile"].startswith(("cape0b2", "cape2b2"))]
     assert other and all("captured at block 2, not block 0" in c["reason"] for c in other)
+
+
+# -- every layout, in process: its first block through each subject -------------------------------------------------
+SUBJECTS = ["diffusers"] + (["comfyui"] if COMFYUI else [])
+_SUBJECTS: dict = {}
+
+
+def _subject(name: str):
+    if name not in _SUBJECTS:
+        from conformance.subjects import load_subject
+
+        _SUBJECTS[name] = load_subject(name, comfyui_path=COMFYUI) if name == "comfyui" else load_subject(name)
+    return _SUBJECTS[name]
+
+
+@pytest.fixture(scope="module")
+def every_layout(tmp_path_factory):
+    return MAKER.write_all(tmp_path_factory.mktemp("layouts"))
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+@pytest.mark.parametrize("name", sorted(MAKER.LAYOUTS))
+def test_every_layout_runs_its_first_block(every_layout, tmp_path, subject, name):
+    """fp32 and fp16 cases (and, on ComfyUI, the file's own fp8 format as stored) pass on block 0 of every layout."""
+    from conformance.case import Case
+    from conformance.checkpoints.cases import register_file
+    from tests.helpers import engine
+
+    checkpoint, scales = register_file(str(every_layout[name]), "0")
+    chosen = _subject(subject)
+    detection = chosen.detect_checkpoint(checkpoint)  # ComfyUI's own model_detection agrees (None on diffusers)
+    assert (detection is None) == (subject == "diffusers")
+    runner = engine(tmp_path, subject=chosen)
+    own = {"scaled_fp8": "fp8_scaled", "fp8_blockwise": "fp8_block"}.get(checkpoint.format.name)
+    precisions = ["fp32", "fp16"] + ([own] if own and subject == "comfyui" else [])
+    for component in checkpoint.block_counts:
+        for precision in precisions:
+            result = runner.run(Case(chosen.name, checkpoint.family, component, scales[0], precision, chosen.reference_backend, "nominal"))
+            assert result.outcome == "passed", f"{component} {precision}: {result.reason}"
+            assert result.stats["weights"]["block"] == 0 and result.stats["weights"]["format"] == checkpoint.format.label
+            if precision == own:
+                assert any(n.startswith("weights as stored in the file") for n in result.notes), result.notes

@@ -41,6 +41,8 @@ class CheckpointWeights(dict):
             return None
         if fmt.name == "fp8_blockwise" and (precision.block_size or 64) != fmt.block_size:
             return None
+        if fmt.name == "fp8" and fmt.weight_dtype != "F8_E4M3":  # e5m2: the suite's unscaled fp8 paths are e4m3
+            return None
         return self.block.stored
 
 
