@@ -8,7 +8,7 @@ each block's keyword arguments as the block receives them, and rewrites one safe
 latent shape, dtypes, the model file and the ComfyUI version; non-tensor arguments where they are JSON values).
 
 Replay (``--profile captured:PATH``): each record becomes a profile of its component,
-``cap<evaluation>b<block>@<file hash>``, whose inputs are the recorded tensors (``inputs``); the block then runs in
+``cape<evaluation>b<block>@<file hash>`` (``s<block>`` for FLUX's single blocks), whose inputs are the recorded tensors (``inputs``); the block then runs in
 every precision and backend against its float64 golden, like any profile, on the synthetic weights of the scale whose
 width matches and on ``--weights`` (the same block only).
 """
@@ -35,11 +35,11 @@ FORMAT_VERSION = 1
 BLOCK_LISTS = {
     "QwenImageTransformer2DModel": {"qwen.block": "transformer_blocks"},
     "Flux": {"flux.double": "double_blocks", "flux.single": "single_blocks"},
-    "WanModel": {"wan.t2v": "blocks"},  # an i2v model (model_type "i2v"): wan.i2v (``_block_lists``)
+    "WanModel": {"wan.t2v": "blocks"},  # an i2v model (model_type "i2v"): wan.i2v (``block_lists``)
 }
 
 
-def _block_lists(model) -> dict[str, str]:
+def block_lists(model) -> dict[str, str]:
     lists = BLOCK_LISTS.get(type(model).__name__)
     if lists is None:
         raise CaptureError(f"cannot capture from {type(model).__name__}: the suite knows {', '.join(BLOCK_LISTS)}")
@@ -88,8 +88,11 @@ class Recorder:
             return apply_model(args["input"], args["timestep"], **args["c"])
         diffusion_model = _diffusion_model(apply_model)
         handles = []
+        lists = block_lists(diffusion_model)
         for component, indices in self.blocks.items():
-            block_list = getattr(diffusion_model, _block_lists(diffusion_model)[component])
+            if component not in lists:
+                raise CaptureError(f"{type(diffusion_model).__name__} has no {component} blocks (it has {', '.join(lists)})")
+            block_list = getattr(diffusion_model, lists[component])
             for n in indices:
                 if not 0 <= n < len(block_list):
                     raise CaptureError(f"{component}: the model has {len(block_list)} blocks; block {n} asked")
@@ -150,13 +153,13 @@ def _diffusion_model(apply_model):
     """The ``diffusion_model`` of the ``BaseModel`` whose ``apply_model`` the wrapper was given."""
     base = getattr(apply_model, "__self__", None)
     model = getattr(base, "diffusion_model", None)
-    _block_lists(model)
+    block_lists(model)
     return model
 
 
 def default_blocks(model_patcher) -> dict[str, tuple[int, ...]]:
     model = model_patcher.model.diffusion_model
-    component, name = next(iter(_block_lists(model).items()))
+    component, name = next(iter(block_lists(model).items()))
     return {component: (0,)} if len(getattr(model, name)) else {}
 
 
@@ -200,6 +203,11 @@ class CapturedRecord:
 
 
 CAPTURED: dict[str, CapturedRecord] = {}
+
+
+def clear() -> None:
+    """Forget the registered captures (the end of a session)."""
+    CAPTURED.clear()
 
 
 def register_capture(path: str) -> list[str]:

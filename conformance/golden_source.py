@@ -13,6 +13,7 @@ import time
 import torch
 
 from .captures import captured
+from .scales import WEIGHTS_TAG, case_scale, file_scale
 from .forward import _LRU, cuda_numerics
 from .goldens import (
     Golden,
@@ -38,6 +39,7 @@ class GoldenSource:
         self.golden_changes: list[GoldenChange] = []
         self._goldens = _LRU(8)
         self._identity: dict | None = None
+        self._file_digests: dict[tuple[str, str, str], str] = {}
         self._input_checks: dict[str, InputCheck] = {}
         self._golden_devices: dict[str, torch.device] = {}
         self.golden_seconds = 0.0  # float64 forwards spent creating or confirming goldens
@@ -75,6 +77,13 @@ class GoldenSource:
         return self._identity
 
     def golden_key(self, component: str, scale: str, profile: str) -> GoldenKey:
+        """A block of a file (``--weights``) is keyed by its weights too (``<scale>+w<digest>``): two files with one
+        header (two fine-tunes saved by one tool) have the same scale name, not the same goldens."""
+        if file_scale(scale):
+            key = (component, scale, profile)
+            if key not in self._file_digests:
+                self._file_digests[key] = tensor_digest(self.weights(component, scale, profile))
+            scale = f"{scale}{WEIGHTS_TAG}{self._file_digests[key][:8]}"
         return GoldenKey(self.subject.name, self.identity()["identity"], component, scale, profile)
 
     def golden(self, component: str, scale: str, profile: str, wait: bool = True) -> Golden:
@@ -143,7 +152,7 @@ class GoldenSource:
         self.options.progress(f"{why} golden {key.id} in float64 on {device.type} ({backend} attention)")
         start = time.perf_counter()
         with cuda_numerics(device, golden=True):
-            run = self.forward(key.component, key.scale, None, backend, inputs, device=device, probes=False)
+            run = self.forward(key.component, case_scale(key.scale), None, backend, inputs, device=device, probes=False)
         outputs = {name: value.to("cpu") for name, value in run.outputs.items()}
         seconds = time.perf_counter() - start
         self.golden_seconds += seconds
@@ -168,7 +177,7 @@ class GoldenSource:
         self.golden_changes.append(GoldenChange(golden.key, golden.path, "confirmed", golden.sha256, golden.sha256, note="created by another process; recomputed here and equal within float64 noise"))
 
     def _make_golden(self, key: GoldenKey, store: GoldenStore, existing: Golden | None, weights_sha: str, command: str) -> Golden:
-        built = self.inputs(key.component, key.scale, key.profile)
+        built = self.inputs(key.component, case_scale(key.scale), key.profile)
         inputs = built
         if existing is not None and not compare_inputs(existing.inputs.kwargs, built.kwargs, existing.inputs.outlier_channels).beyond_noise():
             # --conformance-update-goldens where the subject still builds the same inputs (within embedder noise): keep them, so
@@ -222,7 +231,7 @@ class GoldenSource:
     def input_check(self, golden: Golden) -> InputCheck:
         """The inputs the subject builds on this machine against the golden's stored ones (cached per golden)."""
         if golden.key.id not in self._input_checks:
-            built = self.inputs(golden.key.component, golden.key.scale, golden.key.profile)
+            built = self.inputs(golden.key.component, case_scale(golden.key.scale), golden.key.profile)
             self._input_checks[golden.key.id] = compare_inputs(golden.inputs.kwargs, built.kwargs, golden.inputs.outlier_channels)
         return self._input_checks[golden.key.id]
 

@@ -127,3 +127,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         from .session import terminal_summary
 
         terminal_summary(state, terminalreporter)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's file scales and captured profiles are registered process-wide (``conformance.scales``,
+    ``conformance.captures``): forget them, so a later session in the same process starts from none."""
+    if active(config) is not None:
+        from . import captures, scales
+
+        captures.clear()
+        scales.clear()

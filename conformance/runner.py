@@ -19,7 +19,7 @@ from . import compare
 from .backends import XCHECK
 from .boundaries import first_nonfinite, first_saturated, summarize
 from .case import Case
-from .checkpoints.cases import describe_scale
+from .checkpoints.cases import AS_STORED_NOTE, describe_scale
 from .expectations import ExpectedFailure, expected_failure_for
 from .families import component_family, component_profiles, family_precision, get_family, is_vae
 from .forward import ForwardRun, ForwardRunner
@@ -338,6 +338,7 @@ class Engine(ForwardRunner, GoldenSource):
         notes = list(run.notes) + path_notes + verdict.notes
         weights = describe_scale(case.scale, case.component)
         if weights is not None:  # a block of a checkpoint file (--weights)
+            weights["as_stored"] = any(n.startswith(AS_STORED_NOTE) for n in run.notes)  # what this build loaded
             stats["weights"] = weights
             notes.insert(0, f"block {weights['block']} of {weights['file']} ({weights['variant']}, {weights['format']})")
         if run.guard_note:

@@ -36,6 +36,17 @@ def register(scale: FileScale) -> None:
     FILE_SCALES[scale.name] = scale
 
 
+def clear() -> None:
+    """Forget the registered file scales, and their dims in the families' tables (the end of a session)."""
+    from .families import get_family
+
+    for name, scale in FILE_SCALES.items():
+        layout = get_family(scale.checkpoint.family).checkpoint
+        for component in scale.components:
+            layout.dims_by_scale(component).pop(name, None)
+    FILE_SCALES.clear()
+
+
 def file_scale(scale: str) -> FileScale | None:
     return FILE_SCALES.get(scale)
 
@@ -55,3 +66,11 @@ def applies(scale: str, component: str) -> bool:
 def size_class(scale: str) -> str:
     """``tiny`` or ``real``: which module cache and which golden store a scale's cases use (a file's are local)."""
     return "tiny" if scale == "tiny" else "real"
+
+
+WEIGHTS_TAG = "+w"  # a file scale's goldens: <scale>+w<digest of the block's weights> (golden_source.golden_key)
+
+
+def case_scale(golden_scale: str) -> str:
+    """The scale of the cases a golden key's scale serves (a file scale's carries its weights' digest)."""
+    return golden_scale.split(WEIGHTS_TAG, 1)[0]

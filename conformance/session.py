@@ -26,6 +26,7 @@ from .backends import BACKENDS, XCHECK
 from .case import Case
 from .families import FAMILIES
 from .guards import GUARD_NAMES
+from .captures import captured
 from .axes import SCALES, SUBJECTS
 from .machine import align_onednn_isa
 from .matrix import build_matrix
@@ -34,6 +35,7 @@ from .options import SESSION, UsageError, option
 from .precision import PRECISIONS
 from .progress import Progress
 from .results import CaseResult
+from .scales import case_scale, file_scale
 from .rundir import JSONL_FILE
 from .tiers import in_tier
 
@@ -246,7 +248,7 @@ class ConformanceSession:
             if self.opt("block"):
                 raise UsageError("--block needs --weights PATH (the checkpoint whose blocks to test)")
             return None
-        if self.opt("scale") != "tiny":
+        if self.opt("scale") != "tiny" or any(a.startswith(("--scale", "--conformance-scale")) for a in self.config.invocation_params.args):
             raise UsageError("--weights gives the scales (one per chosen block of the file); leave --scale out")
         from .checkpoints import CheckpointError
         from .checkpoints.cases import register_file
@@ -313,7 +315,10 @@ class ConformanceSession:
         return self._matrix
 
     def golden_command(self, key) -> str:
-        parts = ["pytest suites", f"--subject {key.subject}", f"--scale {key.scale}", f"--conformance-profile {key.profile}"]
+        found, record = file_scale(case_scale(key.scale)), captured(key.profile)
+        scale = f"--weights {found.path} --block {found.block}" if found else f"--scale {key.scale}"
+        profile = f"--conformance-profile captured:{record.path}" if record else f"--conformance-profile {key.profile}"
+        parts = ["pytest suites", f"--subject {key.subject}", scale, profile]
         if key.subject == "comfyui":
             parts.append(f"--comfyui {self.comfyui_path}")
         if self.opt("golden_dir"):
@@ -475,6 +480,8 @@ class ConformanceSession:
             case = self.case_by_nodeid.get(item.nodeid)
             if case is None or case.backend == XCHECK or case.kind == "sequence" or item.get_closest_marker("skip") is not None:
                 continue
+            if file_scale(case.scale) or captured(case.profile):  # registered in this process only: the run makes them
+                continue
             keys.setdefault((case.component, case.scale, case.profile), None)
         engine = self.engine
         missing = []
@@ -509,6 +516,7 @@ class ConformanceSession:
             "subject_settings": self._subject.settings(),
             "packages": self._subject.packages(),
             "golden_identity": self._engine.identity() if self._engine else None,
+            "weights_detection": self.checkpoint[0].subject_detection if self.opt("weights") and self.checkpoint else None,
         }
 
     def run_notes(self) -> list[str]:
@@ -565,9 +573,9 @@ class ConformanceSession:
 
     def weights_info(self) -> dict:
         """``--weights``: the file as the suite read it and the block each file scale stands for."""
-        from .scales import file_scale
-
         checkpoint, names = self.checkpoint
+        if checkpoint.subject_detection is None and self.remote_run and self.remote_run.get("weights_detection"):
+            checkpoint.subject_detection = self.remote_run["weights_detection"]  # a worker ran the subject's detection
         return {**checkpoint.describe(), "file_id": file_scale(names[0]).file_id, "scales": {n: {"block": file_scale(n).block, "components": list(file_scale(n).components)} for n in names}}
 
     def run_info(self) -> dict:

@@ -77,7 +77,7 @@ def test_a_files_blocks_are_the_scales_and_pass(qwen_run, files):
     assert any(c["outcome"] == "passed" and c["precision"] == "fp16" for c in ran)
     weights = ran[0]["stats"]["weights"]
     assert weights["file"].endswith("qwen_image_bf16.safetensors") and weights["format"] == "bf16" and weights["blocks_in_file"] == 3
-    assert weights["dequantized"] == ["stored bf16: weights upcast to float32"]
+    assert weights["dequantized"] == ["stored bf16: weights upcast to float32"] and weights["as_stored"] is False
     assert ran[0]["notes"][0].startswith(f"block {weights['block']} of ")
     run = json.loads((report / "results.json").read_text())["run"]
     assert run["weights"]["family"] == "qwen" and set(run["weights"]["scales"]) == {c["scale"] for c in ran}
@@ -96,11 +96,37 @@ def test_goldens_of_a_file_are_local_and_keyed_by_it(qwen_run):
     assert made and all(component == "qwen.block" and "@" in scale for component, scale in made)
 
 
+def test_two_files_with_one_header_do_not_share_goldens(files, tmp_path):
+    """Same header, other values (two fine-tunes saved by one tool): one scale name, two goldens, both runs pass."""
+    original = files / "qwen_image_bf16.safetensors"
+    data = bytearray(original.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header : header + 64] = bytes(64)  # the first tensor's first values, zeroed
+    other = tmp_path / "other" / original.name
+    other.parent.mkdir()
+    other.write_bytes(bytes(data))
+    store, made = tmp_path / "store", []
+    for path in (original, other):
+        report = tmp_path / path.parent.name
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "suites", "-q", "-p", "no:cacheprovider", "--subject", "diffusers", "--report-dir", str(report),
+             "--golden-store", str(store), "--weights", str(path), "--block", "0", "--conformance-profile", "nominal", "-m", "fp32 and sdpa"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:]
+        made.append({c["scale"] for c in cases(report) if c["outcome"] == "passed"})
+    assert made[0] == made[1]  # the same scale name: the same header
+    goldens = sorted(p.parent.name for p in store.rglob("nominal.safetensors"))
+    assert len(goldens) == 2 and goldens[0].split("+w")[0] == goldens[1].split("+w")[0] and goldens[0] != goldens[1]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--weights", "{files}/missing.safetensors"], "missing.safetensors"),
-        (["--weights", "{files}/qwen_image_bf16.safetensors", "--block", "7"], "no such block (qwen.block: 0-2)"),
+        (["--weights", "{files}/qwen_image_bf16.safetensors", "--block", "7"], "no block 7 (qwen.block: 0-2)"),
+        (["--weights", "{files}/qwen_image_bf16.safetensors", "--block", "0,-9"], "no block -9 (qwen.block: 0-2)"),
+        (["--weights", "{files}/qwen_image_bf16.safetensors", "--scale", "tiny"], "leave --scale out"),
         (["--weights", "{files}/qwen_image_bf16.safetensors", "--block", "x"], "'x' is not a block index"),
         (["--block", "0"], "--block needs --weights PATH"),
         (["--weights", "{files}/qwen_image_bf16.safetensors", "--scale", "real"], "leave --scale out"),
@@ -126,6 +152,7 @@ def test_a_files_own_fp8_runs_as_stored_through_comfyuis_ops(files, tmp_path, na
     assert ran and all(c["outcome"] == "passed" for c in ran)
     for case in ran:
         assert any(n.startswith(f"weights as stored in the file ({stored}") and "scaled_fp8_ops" in n for n in case["notes"]), case["notes"]
+        assert case["stats"]["weights"]["as_stored"] is True
     detection = json.loads((report / "results.json").read_text())["run"]["weights"]["subject_detection"]
     assert detection["supported_model"] in ("WAN21_T2V", "Flux") and detection["scaled_fp8"] == "torch.float8_e4m3fn"  # ComfyUI's own reading
 
@@ -169,8 +196,9 @@ def test_a_capture_replays_in_fp32_bf16_fp16(capture, tmp_path):
     ran = [c for c in cases(report) if c["outcome"] != "skipped" and c["component"] == "wan.t2v"]
     assert {c["profile"].split("@")[0] for c in ran} == {"cape0b0", "cape0b2", "cape2b0", "cape2b2"}
     assert {c["precision"] for c in ran} == {"fp32", "bf16", "fp16"} and all(c["outcome"] == "passed" for c in ran)
-    skipped = [c for c in cases(report) if c["outcome"] == "skipped" and c["component"] in ("wan.i2v", "wan.ti2v")]
-    assert not skipped or all("t2v" not in c["component"] for c in skipped)
+    # a capture of the 256-wide WAN T2V: no wan.t2v case skips but for its backend; the other WAN blocks never take it
+    assert all(c["reason"].startswith(("math:", "xformers:", "sage:", "flash:")) for c in cases(report) if c["outcome"] == "skipped" and c["component"] == "wan.t2v")
+    assert not [c for c in cases(report) if c["component"] in ("wan.i2v", "wan.ti2v") and c["profile"].startswith("cap")]
 
 
 @needs_comfyui
@@ -208,13 +236,15 @@ def every_layout(tmp_path_factory):
 
 @pytest.mark.parametrize("subject", SUBJECTS)
 @pytest.mark.parametrize("name", sorted(MAKER.LAYOUTS))
-def test_every_layout_runs_its_first_block(every_layout, tmp_path, subject, name):
+def test_every_layout_runs_its_first_block(every_layout, tmp_path, request, subject, name):
     """fp32 and fp16 cases (and, on ComfyUI, the file's own fp8 format as stored) pass on block 0 of every layout."""
     from conformance.case import Case
     from conformance.checkpoints.cases import register_file
+    from conformance.scales import clear
     from tests.helpers import engine
 
     checkpoint, scales = register_file(str(every_layout[name]), "0")
+    request.addfinalizer(clear)
     chosen = _subject(subject)
     detection = chosen.detect_checkpoint(checkpoint)  # ComfyUI's own model_detection agrees (None on diffusers)
     assert (detection is None) == (subject == "diffusers")
@@ -226,5 +256,4 @@ def test_every_layout_runs_its_first_block(every_layout, tmp_path, subject, name
             result = runner.run(Case(chosen.name, checkpoint.family, component, scales[0], precision, chosen.reference_backend, "nominal"))
             assert result.outcome == "passed", f"{component} {precision}: {result.reason}"
             assert result.stats["weights"]["block"] == 0 and result.stats["weights"]["format"] == checkpoint.format.label
-            if precision == own:
-                assert any(n.startswith("weights as stored in the file") for n in result.notes), result.notes
+            assert result.stats["weights"]["as_stored"] is (precision == own), result.notes

@@ -19,6 +19,7 @@ from .files import CheckpointError
 
 # storage format -> the precision kinds whose cases load the file's tensors as stored (conformance.precision kinds)
 AS_STORED = {"scaled_fp8": ("fp8_scaled",), "fp8_blockwise": ("fp8_block",), "fp8": ("fp8_storage", "fp8_mm")}
+AS_STORED_NOTE = "weights as stored in the file"  # how a subject's build says it loaded them so (stats.weights.as_stored)
 NOT_AS_STORED = {
     "comfy_quant": "no precision runs it as stored: ComfyUI 0.3.50-0.3.64 have no ops for comfy_quant layers (they would "
     "load the fp8 weights without their weight_scale); every case starts from the dequantized weights",
@@ -56,17 +57,25 @@ def parse_blocks(text: str | None, checkpoint: Checkpoint) -> dict[str, tuple[in
             continue
         chosen = []
         for word in text.split(","):
-            try:
-                n = int(word)
-            except ValueError:
-                raise CheckpointError(checkpoint.path, f"--block {text!r}: {word!r} is not a block index") from None
+            n = _index(checkpoint, text, word)
             n = n + count if n < 0 else n
             if 0 <= n < count:
                 chosen.append(n)
         out[component] = tuple(sorted(set(chosen)))
-    if not any(out.values()):
-        raise CheckpointError(checkpoint.path, f"--block {text}: no such block ({', '.join(f'{c}: 0-{n - 1}' for c, n in checkpoint.block_counts.items())})")
+    if text:  # an index no block list has is named, not dropped (FLUX's two lists differ in length: one is enough)
+        ranges = ", ".join(f"{c}: 0-{n - 1}" for c, n in checkpoint.block_counts.items())
+        for word in text.split(","):
+            n = _index(checkpoint, text, word)
+            if not any(0 <= (n + count if n < 0 else n) < count for count in checkpoint.block_counts.values()):
+                raise CheckpointError(checkpoint.path, f"--block {text}: no block {word} ({ranges})")
     return out
+
+
+def _index(checkpoint: Checkpoint, text: str, word: str) -> int:
+    try:
+        return int(word)
+    except ValueError:
+        raise CheckpointError(checkpoint.path, f"--block {text!r}: {word!r} is not a block index") from None
 
 
 def register_file(path: str, blocks: str | None) -> tuple[Checkpoint, list[str]]:
@@ -114,7 +123,6 @@ def describe_scale(scale: str, component: str) -> dict | None:
         "component": component,
         "block": found.block,
         "blocks_in_file": checkpoint.block_counts.get(component),
-        "as_stored_for": list(AS_STORED.get(checkpoint.format.name, ())),
         **({"as_stored_note": NOT_AS_STORED[checkpoint.format.name]} if checkpoint.format.name in NOT_AS_STORED else {}),
         "dequantized": found.dequantized.get(component, []),
     }

@@ -123,9 +123,14 @@ def _read_run(run: list[TensorEntry]) -> dict[str, torch.Tensor]:
     file = run[0].file
     lo, hi = run[0].begin, max(e.end for e in run)
     start, stop = lo // ALIGN * ALIGN, -(-hi // ALIGN) * ALIGN
+    if stop == start:  # only empty tensors, at an aligned offset
+        return {e.key: torch.empty(e.shape, dtype=e.torch_dtype) for e in run}
     buffer = mmap.mmap(-1, stop - start)  # anonymous, page-aligned, uninitialised until read into
     view = memoryview(buffer)
-    got = _pread(file, view, start, hi - start, direct=True)
+    try:
+        got = _pread(file, view, start, hi - start, direct=True)
+    except OSError as error:
+        raise CheckpointError(file, f"cannot be read ({error.strerror or error})") from None
     if got < hi - start:
         raise CheckpointError(file, f"ends inside tensor {next(e.key for e in run if e.end > start + got)}")
     data = torch.frombuffer(buffer, dtype=torch.uint8)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...precision import E4M3, Precision, QuantStats, quantize_blockwise, quantize_per_tensor, saturating_cast
+from ...checkpoints.cases import AS_STORED_NOTE
 from .loader import ComfyUI
 
 
@@ -149,7 +150,7 @@ def load_as_stored(module: nn.Module, stored: dict[str, torch.Tensor], the_plan:
             state[key] = initial
             defaulted.append(key)
     dropped = sorted(k for k in stored if k not in wanted and k.endswith(("scale_input", "input_scale")))
-    notes = [f"weights as stored in the file ({label}), loaded into {the_plan.description}"]
+    notes = [f"{AS_STORED_NOTE} ({label}), loaded into {the_plan.description}"]
     if the_plan.quantize is None:
         state, cast_notes = prepare_state_dict(module, state, the_plan)
         notes += cast_notes
