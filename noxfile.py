@@ -46,7 +46,7 @@ def _install(session: nox.Session, constraints: bool) -> None:
         session.install(TORCH)
     else:
         session.run("python", "-c", "import torch; print('using torch', torch.__version__)")
-    args = ["-e", ".[test,bench,html,comfyui]"]
+    args = ["-e", ".[test,bench,html,comfyui,gguf]"]
     if constraints:
         args += ["-c", CI_CONSTRAINTS]
     session.install(*args)

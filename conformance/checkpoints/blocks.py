@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +28,11 @@ class BlockWeights:
     block: int
     stored: dict[str, torch.Tensor]
     where: str = ""  # the file and block, for messages
+    quant: dict[str, str] = field(default_factory=dict)  # GGUF: block-quantized tensors, key -> type (GGUF_Q8_0)
 
     @functools.cached_property
     def _dequantized(self) -> tuple[dict[str, torch.Tensor], list[str]]:
-        return dequantize(self.checkpoint.format, self.stored, self.where)
+        return dequantize(self.checkpoint.format, self.stored, self.where, self.quant)
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -86,8 +87,10 @@ def read_block(checkpoint: Checkpoint, component: str, block: int, embedders: bo
     wanted = [k for k in checkpoint.index.keys() if k.startswith(start)] + (embedder_keys(checkpoint) if embedders else [])
     raw = checkpoint.index.read(wanted)
     n = len(checkpoint.prefix)
-    stored = {(k[len(start):] if k.startswith(start) else k[n:]): v for k, v in raw.items()}
-    return BlockWeights(checkpoint, component, block, stored, f"{checkpoint.path} ({start.rstrip('.')})")
+    local = {k: (k[len(start):] if k.startswith(start) else k[n:]) for k in raw}
+    stored = {local[k]: v for k, v in raw.items()}
+    quant = {local[k]: checkpoint.index.entries[k].dtype for k in raw if checkpoint.index.entries[k].stored_shape is not None}
+    return BlockWeights(checkpoint, component, block, stored, f"{checkpoint.path} ({start.rstrip('.')})", quant)
 
 
 def file_id(checkpoint: Checkpoint) -> str:

@@ -21,6 +21,8 @@ from .files import CheckpointError
 AS_STORED = {"scaled_fp8": ("fp8_scaled",), "fp8_blockwise": ("fp8_block",), "fp8": ("fp8_storage", "fp8_mm")}
 AS_STORED_NOTE = "weights as stored in the file"  # how a subject's build says it loaded them so (stats.weights.as_stored)
 NOT_AS_STORED = {
+    "gguf": "no precision runs it as stored: ComfyUI core has no GGUF loader (the ComfyUI-GGUF custom node has one); "
+    "every case starts from the weights dequantized by diffusers' GGUF kernels",
     "comfy_quant": "no precision runs it as stored: ComfyUI 0.3.50-0.3.64 have no ops for comfy_quant layers (they would "
     "load the fp8 weights without their weight_scale); every case starts from the dequantized weights",
 }

@@ -3,7 +3,7 @@ named by ``*.safetensors.index.json``), indexed from headers only.
 
 Every problem is one ``CheckpointError`` line naming the file and what is wrong. Pickle checkpoints (``.ckpt``,
 ``.pt``, ``.pth``, ``.bin``) are refused before a byte of them is read as pickle: unpickling runs code. GGUF files
-are recognised by their magic and refused with what would be needed.
+are recognised by their magic and indexed from their own header (``checkpoints.gguf``).
 """
 
 from __future__ import annotations
@@ -58,15 +58,18 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int = 0  # absolute byte offsets of its data in the file
     end: int = 0
+    # a GGUF tensor in a block-quantized type (Q8_0, Q4_K, ...): its blocks' bytes, [rows, bytes per row]
+    stored_shape: tuple[int, ...] | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return DTYPES.get(self.dtype)
+        """How its bytes are read: the tensor's dtype, or bytes (uint8) for a block-quantized GGUF tensor."""
+        return torch.uint8 if self.stored_shape is not None else DTYPES.get(self.dtype)
 
     @property
     def nbytes(self) -> int:
         dtype = self.torch_dtype
-        return math.prod(self.shape) * (dtype.itemsize if dtype is not None else 0)
+        return math.prod(self.stored_shape or self.shape) * (dtype.itemsize if dtype is not None else 0)
 
 
 @dataclass
@@ -140,7 +143,7 @@ def _read_run(run: list[TensorEntry]) -> dict[str, torch.Tensor]:
         dtype = entry.torch_dtype
         if (entry.begin - start) % dtype.itemsize:  # a misaligned tensor (the format allows it): its own copy
             piece = piece.clone()
-        out[entry.key] = piece.view(dtype).reshape(entry.shape)
+        out[entry.key] = piece.view(dtype).reshape(entry.stored_shape or entry.shape)
     return out
 
 
@@ -180,15 +183,13 @@ def index_checkpoint(path: Path | str) -> TensorIndex:
     return _index_file(path)
 
 
-def _refuse_non_safetensors(path: Path) -> None:
+def _magic(path: Path) -> bytes:
     with path.open("rb") as handle:
-        head = handle.read(4)
-    if head == GGUF_MAGIC:
-        raise CheckpointError(
-            path,
-            "a GGUF file: ComfyUI core has no GGUF loader (GGUF runs through the ComfyUI-GGUF custom node) and the suite "
-            "reads safetensors only; test the safetensors file the GGUF was quantized from",
-        )
+        return handle.read(4)
+
+
+def _refuse_non_safetensors(path: Path) -> None:
+    head = _magic(path)
     if path.suffix.lower() in PICKLE_SUFFIXES or head == ZIP_MAGIC or head[:1] == b"\x80":
         raise CheckpointError(
             path,
@@ -247,6 +248,10 @@ def _read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
 def _index_file(path: Path) -> TensorIndex:
     if path.name.endswith(INDEX_SUFFIX):
         return _index_sharded(path)
+    if _magic(path) == GGUF_MAGIC:
+        from .gguf import index_gguf
+
+        return index_gguf(path)
     entries, metadata = _read_header(path)
     return TensorIndex(path, "single file", (path,), entries, metadata)
 

@@ -33,7 +33,7 @@ COMFY_QUANT_FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.fl
 
 @dataclass(frozen=True)
 class StorageFormat:
-    name: str  # plain, fp8, scaled_fp8, fp8_blockwise, comfy_quant
+    name: str  # plain, fp8, scaled_fp8, fp8_blockwise, comfy_quant, gguf
     weight_dtype: str  # the safetensors dtype most of the blocks' matrices are stored in
     block_size: int | None = None  # fp8_blockwise: input channels per scale
     scale_input: bool = False  # the file carries activation scales (scale_input / input_scale)
@@ -49,6 +49,8 @@ class StorageFormat:
             return f"{dtype}, unscaled"
         if self.name == "scaled_fp8":
             return f"scaled fp8 (legacy scaled_fp8 + per-tensor scale_weight{', scale_input' if self.scale_input else ''}), {dtype}"
+        if self.name == "gguf":
+            return f"GGUF {self.weight_dtype.removeprefix('GGUF_')}"
         if self.name == "fp8_blockwise":
             return f"block-wise fp8 (scale_weight [out, in/{self.block_size}, 1]), {dtype}"
         return f"comfy_quant mixed precision (weight_scale{', input_scale' if self.scale_input else ''}), {dtype}"
@@ -72,6 +74,8 @@ def detect_format(index: TensorIndex, prefix: str) -> StorageFormat:
         raise CheckpointError(index.path, f"has no weight matrices under {prefix!r}")
     # by count, not bytes: a tiny model's text embedding (4096 wide, kept in fp16) outweighs its fp8 blocks in bytes
     weight_dtype = Counter(index.entries[key].dtype for key in matrices).most_common(1)[0][0]
+    if index.layout == "GGUF file":
+        return StorageFormat("gguf", weight_dtype)
     keys = [k for k in index.entries if k.startswith(prefix)]
     scale_input = any(k.endswith((".scale_input", ".input_scale")) for k in keys)
     if any(k.endswith(".comfy_quant") for k in keys) or QUANT_METADATA in index.metadata:
@@ -133,11 +137,20 @@ def comfy_quant_spec(path, key: str, tensor: torch.Tensor) -> dict:
         raise CheckpointError(path, f"{key} is not JSON bytes ({error})") from None
 
 
-def dequantize(fmt: StorageFormat, state: Mapping[str, torch.Tensor], path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def dequantize(fmt: StorageFormat, state: Mapping[str, torch.Tensor], path, quant: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Float32 weights in the canonical layout (scale tensors and markers gone) from one block's stored tensors
-    (keys without the model prefix), and what was done, for the report."""
+    (keys without the model prefix), and what was done, for the report. ``quant``: a GGUF block's block-quantized
+    tensors, key -> type (``GGUF_Q8_0``)."""
     out: dict[str, torch.Tensor] = {}
     layers = 0
+    if fmt.name == "gguf":
+        from .gguf import dequantize_gguf
+
+        quant = quant or {}
+        for key, tensor in state.items():
+            out[key] = dequantize_gguf(path, key, quant[key], tensor) if key in quant else tensor.float()
+        types = sorted({q.removeprefix("GGUF_") for q in quant.values()})
+        return out, [f"{len(quant)} tensors dequantized by diffusers' GGUF kernels ({', '.join(types) or 'none'}), the rest upcast to float32"]
     for key, tensor in state.items():
         if key.endswith(SCALE_SUFFIXES) or key == MARKER:
             continue
