@@ -12,25 +12,16 @@ the read holds the block once), the times are recorded (docs/benchmarks.md), nev
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import time
-from pathlib import Path
 
 import pytest
 
 from conformance.checkpoints import open_checkpoint, read_block
+from tests.helpers import checkpoint_maker
 
 pytestmark = pytest.mark.bench
-ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 59
-
-
-def _maker():
-    spec = importlib.util.spec_from_file_location("make_checkpoints", ROOT / "fixtures" / "make_checkpoints.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rss() -> int:
@@ -40,7 +31,7 @@ def _rss() -> int:
 
 @pytest.fixture(scope="module")
 def sparse(tmp_path_factory):
-    maker = _maker()
+    maker = checkpoint_maker()
     return maker.write_sparse(tmp_path_factory.mktemp("sparse") / maker.SPARSE_NAME)
 
 

@@ -189,17 +189,11 @@ class CapturedRecord:
     path: str
     record: dict
     meta: dict
+    width: int  # the hidden width of the model it was captured from (its first argument's last dim)
 
     @property
     def component(self) -> str:
         return self.record["component"]
-
-    @property
-    def width(self) -> int:
-        """The hidden width of the model it was captured from (the first stream argument's last dim)."""
-        first = next(iter(self.record["tensors"]))
-        with safe_open(self.path, "pt") as handle:
-            return handle.get_slice(f"{self.record['name']}.{first}").get_shape()[-1]
 
 
 CAPTURED: dict[str, CapturedRecord] = {}
@@ -218,7 +212,7 @@ def register_capture(path: str) -> list[str]:
     try:
         with safe_open(str(file), "pt") as handle:
             metadata = handle.metadata() or {}
-            keys = set(handle.keys())
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise CaptureError(f"{path}: not a safetensors file ({type(error).__name__}: {error})") from None
     if METADATA_KEY not in metadata:
@@ -227,11 +221,12 @@ def register_capture(path: str) -> list[str]:
     digest = hashlib.sha256(file.read_bytes()).hexdigest()[:8]
     names = []
     for record in meta["records"]:
-        missing = [k for k in record["tensors"] if f"{record['name']}.{k}" not in keys]
+        missing = [k for k in record["tensors"] if f"{record['name']}.{k}" not in shapes]
         if missing:
             raise CaptureError(f"{path}: record {record['name']} lacks its tensors {missing}")
         name = f"cap{record['name']}@{digest}"
-        CAPTURED[name] = CapturedRecord(name, str(file), record, {k: v for k, v in meta.items() if k != "records"})
+        width = shapes[f"{record['name']}.{next(iter(record['tensors']))}"][-1]
+        CAPTURED[name] = CapturedRecord(name, str(file), record, {k: v for k, v in meta.items() if k != "records"}, width)
         names.append(name)
     return names
 

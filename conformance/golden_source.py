@@ -80,11 +80,18 @@ class GoldenSource:
         """A block of a file (``--weights``) is keyed by its weights too (``<scale>+w<digest>``): two files with one
         header (two fine-tunes saved by one tool) have the same scale name, not the same goldens."""
         if file_scale(scale):
-            key = (component, scale, profile)
-            if key not in self._file_digests:
-                self._file_digests[key] = tensor_digest(self.weights(component, scale, profile))
-            scale = f"{scale}{WEIGHTS_TAG}{self._file_digests[key][:8]}"
+            scale = f"{scale}{WEIGHTS_TAG}{self._weights_sha(component, scale, profile)[:8]}"
         return GoldenKey(self.subject.name, self.identity()["identity"], component, scale, profile)
+
+    def _weights_sha(self, component: str, scale: str, profile: str) -> str:
+        """The digest goldens record of the weights they were made from; a file block's (hundreds of MB at real size)
+        computed once, since its golden key carries it too."""
+        if not file_scale(scale):
+            return tensor_digest(self.weights(component, scale, profile))
+        key = (component, scale, profile)
+        if key not in self._file_digests:
+            self._file_digests[key] = tensor_digest(self.weights(component, scale, profile))
+        return self._file_digests[key]
 
     def golden(self, component: str, scale: str, profile: str, wait: bool = True) -> Golden:
         """The golden of a component: loaded, or created once under the store's per-golden lock. A golden that
@@ -95,7 +102,7 @@ class GoldenSource:
         if key.id in self._goldens:
             return self._goldens[key.id]
         store = self.store_for(key)
-        weights_sha = tensor_digest(self.weights(component, scale, profile))
+        weights_sha = self._weights_sha(component, scale, profile)
         command = self.options.golden_command(key)
         if not self.options.update_goldens:
             try:

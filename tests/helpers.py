@@ -3,12 +3,14 @@ stores."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from pathlib import Path
 
 import torch
 
 from conformance.goldens import GoldenStore
-from conformance.paths import GOLDEN_DIR
+from conformance.paths import GOLDEN_DIR, REPO_ROOT
 from conformance.runner import Engine, EngineOptions
 from conformance.subjects import load_subject
 
@@ -32,3 +34,12 @@ def engine(tmp_path: Path, committed: Path = GOLDEN_DIR, subject=None, **options
             **options,
         ),
     )
+
+
+@functools.cache
+def checkpoint_maker():
+    """``fixtures/make_checkpoints.py`` as a module (the checkpoint fixtures' writer; not a package)."""
+    spec = importlib.util.spec_from_file_location("make_checkpoints", REPO_ROOT / "fixtures" / "make_checkpoints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

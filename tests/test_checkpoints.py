@@ -3,7 +3,6 @@ weights against the values written, and the bad-file catalog (one message each).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,17 +12,10 @@ import torch
 
 from conformance.checkpoints import CheckpointError, identity, open_checkpoint, read_block
 
+from tests.helpers import checkpoint_maker
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _maker():
-    spec = importlib.util.spec_from_file_location("make_checkpoints", ROOT / "fixtures" / "make_checkpoints.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MAKER = _maker()
+MAKER = checkpoint_maker()
 
 
 @pytest.fixture(scope="module")

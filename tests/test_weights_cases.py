@@ -7,7 +7,6 @@ the checkout's own ``comfy.sd`` and ``comfy.sample`` and replay what the capture
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,31 +17,18 @@ import jsonschema
 import pytest
 from safetensors import safe_open
 
+from tests.helpers import checkpoint_maker
+from tests.test_suite_run import run_suite
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _maker():
-    spec = importlib.util.spec_from_file_location("make_checkpoints", ROOT / "fixtures" / "make_checkpoints.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MAKER = _maker()
+MAKER = checkpoint_maker()
 COMFYUI = os.environ.get("COMFYUI_PATH")
 needs_comfyui = pytest.mark.skipif(not COMFYUI, reason="needs a ComfyUI checkout: set COMFYUI_PATH")
 
 
 def suite(tmp_path: Path, *args: str, comfyui: str | None = None) -> tuple[subprocess.CompletedProcess, Path]:
-    report = tmp_path / "report"
-    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
-    subject = [f"--comfyui={comfyui}"] if comfyui else ["--subject", "diffusers"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "suites", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *subject,
-         "--report-dir", str(report), "--golden-store", str(tmp_path / "local"), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    return proc, report
+    """``pytest suites`` in a subprocess (``test_suite_run.run_suite``), on diffusers or the given checkout."""
+    return run_suite(tmp_path, *([f"--comfyui={comfyui}"] if comfyui else ["--subject", "diffusers"]), *args)
 
 
 SCHEMA = json.loads((ROOT / "conformance" / "schema" / "results.schema.json").read_text())
@@ -105,18 +91,13 @@ def test_two_files_with_one_header_do_not_share_goldens(files, tmp_path):
     other = tmp_path / "other" / original.name
     other.parent.mkdir()
     other.write_bytes(bytes(data))
-    store, made = tmp_path / "store", []
-    for path in (original, other):
-        report = tmp_path / path.parent.name
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "suites", "-q", "-p", "no:cacheprovider", "--subject", "diffusers", "--report-dir", str(report),
-             "--golden-store", str(store), "--weights", str(path), "--block", "0", "--conformance-profile", "nominal", "-m", "fp32 and sdpa"],
-            cwd=ROOT, capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"},
-        )  # fmt: skip
+    made = []
+    for path in (original, other):  # one local store (run_suite's tmp_path/local) for both runs
+        proc, report = suite(tmp_path, "--weights", str(path), "--block", "0", "--conformance-profile", "nominal", "-m", "fp32 and sdpa")
         assert proc.returncode == 0, proc.stdout[-2000:]
         made.append({c["scale"] for c in cases(report) if c["outcome"] == "passed"})
     assert made[0] == made[1]  # the same scale name: the same header
-    goldens = sorted(p.parent.name for p in store.rglob("nominal.safetensors"))
+    goldens = sorted(p.parent.name for p in (tmp_path / "local").rglob("nominal.safetensors"))
     assert len(goldens) == 2 and goldens[0].split("+w")[0] == goldens[1].split("+w")[0] and goldens[0] != goldens[1]
 
 

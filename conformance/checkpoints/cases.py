@@ -51,33 +51,24 @@ class CheckpointWeights(dict):
 
 def parse_blocks(text: str | None, checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
     """``--block``: comma-separated indices (negative from the end), for every component of the file that has them;
-    default first, middle and last of each."""
-    out: dict[str, tuple[int, ...]] = {}
-    for component, count in checkpoint.block_counts.items():
-        if not text:
-            out[component] = checkpoint.default_blocks(component)
-            continue
-        chosen = []
-        for word in text.split(","):
-            n = _index(checkpoint, text, word)
-            n = n + count if n < 0 else n
-            if 0 <= n < count:
-                chosen.append(n)
-        out[component] = tuple(sorted(set(chosen)))
-    if text:  # an index no block list has is named, not dropped (FLUX's two lists differ in length: one is enough)
-        ranges = ", ".join(f"{c}: 0-{n - 1}" for c, n in checkpoint.block_counts.items())
-        for word in text.split(","):
-            n = _index(checkpoint, text, word)
-            if not any(0 <= (n + count if n < 0 else n) < count for count in checkpoint.block_counts.values()):
-                raise CheckpointError(checkpoint.path, f"--block {text}: no block {word} ({ranges})")
-    return out
-
-
-def _index(checkpoint: Checkpoint, text: str, word: str) -> int:
-    try:
-        return int(word)
-    except ValueError:
-        raise CheckpointError(checkpoint.path, f"--block {text!r}: {word!r} is not a block index") from None
+    default first, middle and last of each. An index no block list has is named, not dropped (FLUX's two lists
+    differ in length: one having it is enough)."""
+    counts = checkpoint.block_counts
+    if not text:
+        return {component: checkpoint.default_blocks(component) for component in counts}
+    ranges = ", ".join(f"{c}: 0-{n - 1}" for c, n in counts.items())
+    out: dict[str, set[int]] = {component: set() for component in counts}
+    for word in text.split(","):
+        try:
+            n = int(word)
+        except ValueError:
+            raise CheckpointError(checkpoint.path, f"--block {text!r}: {word!r} is not a block index") from None
+        held = [c for c, count in counts.items() if 0 <= (n + count if n < 0 else n) < count]
+        if not held:
+            raise CheckpointError(checkpoint.path, f"--block {text}: no block {word} ({ranges})")
+        for component in held:
+            out[component].add(n + counts[component] if n < 0 else n)
+    return {component: tuple(sorted(chosen)) for component, chosen in out.items()}
 
 
 def register_file(path: str, blocks: str | None) -> tuple[Checkpoint, list[str]]:

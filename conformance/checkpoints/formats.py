@@ -148,7 +148,7 @@ def dequantize(fmt: StorageFormat, state: Mapping[str, torch.Tensor], path, quan
 
         quant = quant or {}
         for key, tensor in state.items():
-            out[key] = dequantize_gguf(path, key, quant[key], tensor) if key in quant else tensor.float()
+            out[key] = dequantize_gguf(path, quant[key], tensor) if key in quant else tensor.float()
         types = sorted({q.removeprefix("GGUF_") for q in quant.values()})
         return out, [f"{len(quant)} tensors dequantized by diffusers' GGUF kernels ({', '.join(types) or 'none'}), the rest upcast to float32"]
     for key, tensor in state.items():

@@ -59,9 +59,9 @@ def index_gguf(path: Path) -> TensorIndex:
     return TensorIndex(path, "GGUF file", (path,), entries, metadata)
 
 
-def dequantize_gguf(path, key: str, quant: str, stored: torch.Tensor) -> torch.Tensor:
-    """One block-quantized tensor to float32, by diffusers' own GGUF dequantization."""
-    gguf = _gguf(Path(str(path).split(" (")[0]))
+def dequantize_gguf(where: str, quant: str, stored: torch.Tensor) -> torch.Tensor:
+    """One block-quantized tensor to float32, by diffusers' own GGUF dequantization (``where``: for the message)."""
+    gguf = _gguf(Path(where))
     from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 
     qtype = gguf.GGMLQuantizationType[quant.removeprefix(PREFIX)]
