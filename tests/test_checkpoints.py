@@ -72,6 +72,7 @@ def test_layout_is_read_as_written(files, name):
         if source is None or source.dim() != 2:
             continue
         rel = float((value - source).norm() / source.norm())
+        # GGUF Q8_0 (one scale per 32 values, 8-bit): the worst matrix of the two fixtures measures 5.1e-3
         assert rel < {"BF16": 4e-3, "F16": 5e-4, "F8_E4M3": 0.04, "F8_E5M2": 0.08, "GGUF_Q8_0": 1e-2}[dtype], (key, rel)
     assert identity(block) == identity(read_block(checkpoint, component, counts[component] - 1))
 
